@@ -1,0 +1,358 @@
+"""Activation harvesting: the frozen LM's hooked activations, normalized and shuffled into batches.
+
+`ActivationsStore` turns packed token rows (data.py) into training batches `(acts_in, acts_out)`:
+
+1. harvest: the frozen model runs on `store_batch_size_prompts` rows at a time (no grad, eval mode,
+   stopping after the last hooked layer); every hook used as input and/or output is captured once.
+   Special-token positions (BOS/EOS/PAD) are dropped when `exclude_special_tokens`.
+2. buffer: one preallocated float32 tensor [n_batches_in_buffer * B, n_hooks, d_model] of *raw*
+   activations, filled in place. Each cycle refills the slots served last cycle, draws a permutation
+   of all slots (torch.Generator seeded with seed + process index) and serves the first half of it,
+   so, as in SAELens, every batch mixes fresh rows with rows kept from earlier cycles (many documents).
+   Memory bound: buffer = n_batches_in_buffer * B * n_hooks * d_model * 4 bytes (B = per-process
+   batch), plus at most one harvest chunk (store_batch_size_prompts * context_size rows).
+3. normalization: served rows are multiplied by one scalar per hook, s_h = sqrt(d_model) / mean ||a_h||,
+   estimated from the first `n_batches_for_norm_estimate` harvest chunks (the ones that fill the
+   buffer first, so no harvest is wasted unless the estimate asks for more chunks than the buffer
+   holds), leaving special-token positions out, mean-reduced across processes.
+
+Or, with `cached_activations_path`, rows come from a cache written by `CacheActivationsRunner`
+(no model is loaded) through the same buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from accelerate import PartialState
+from accelerate.utils import reduce
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoTokenizer
+
+from .data import TokenStream, special_token_ids
+from .hooks import capture_activations, check_d_model, find_layers, resolve_hook
+
+STATE_TENSORS = "activations_store.safetensors"
+STATE_JSON = "activations_store.json"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'float32' / 'bfloat16' / 'torch.float16' -> the torch dtype; ValueError for anything else."""
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={name!r} is not a torch dtype; use float32, bfloat16 or float16.")
+    return dtype
+
+
+def model_class(name: str) -> type:
+    """The transformers class named `name` (AutoModelForCausalLM, AutoModel, GPTNeoXForCausalLM, ...)."""
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"model_class_name={name!r} is not a transformers model class; use "
+                         "AutoModelForCausalLM (decoders), AutoModel (encoders such as BERT) or another "
+                         "transformers Auto class.")
+    return cls
+
+
+def check_context_size(model_config: Any, context_size: int, model_name: str) -> None:
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if isinstance(limit, int) and context_size > limit:
+        raise ValueError(f"context_size={context_size} exceeds the {limit} positions of {model_name}; set "
+                         f"context_size <= {limit}.")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_model_and_tokenizer(cfg: Any, device: str | torch.device | None = None) -> tuple[nn.Module, Any]:
+    """Frozen model and tokenizer from `cfg.model_name`. The config is read and checked against
+    `cfg.d_model` / `cfg.context_size` first, so a mismatch fails before any weights load."""
+    cls, dtype = model_class(cfg.model_class_name), torch_dtype(cfg.dtype)
+    config = AutoConfig.from_pretrained(cfg.model_name)
+    check_d_model(config, cfg.d_model, cfg.model_name)
+    check_context_size(config, cfg.context_size, cfg.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
+    model = cls.from_pretrained(cfg.model_name, config=config, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    return freeze(model), tokenizer
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class ActivationHarvester:
+    """Runs the frozen model on token rows and returns the hooks' raw activations, stacked.
+
+    Shared by `ActivationsStore` and `CacheActivationsRunner`. With `cfg.compile_llm`, each layer's
+    forward is compiled in place (hooks on layer modules stay outside the compiled code, so the early
+    stop's exception is raised in eager mode)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, hook_names: Sequence[str], cfg: Any) -> None:
+        self.model, self.hook_names = model, list(hook_names)
+        for name in self.hook_names:
+            resolve_hook(model, name)  # unknown names fail here, before any forward
+        self.device = model_device(model)
+        self.autocast = bool(cfg.autocast_lm) and self.device.type == "cuda"
+        self.special_ids = torch.tensor(special_token_ids(tokenizer), dtype=torch.long, device=self.device)
+        if cfg.compile_llm:
+            for layer in find_layers(model)[1]:
+                layer.forward = torch.compile(layer.forward)
+
+    def __call__(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(activations [b*s, n_hooks, d_model] float32, special-token mask [b*s]) for tokens [b, s]."""
+        tokens = tokens.to(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            acts = capture_activations(self.model, self.hook_names, tokens, stop_early=True)
+        stacked = torch.stack([acts[name] for name in self.hook_names], dim=2).flatten(0, 1).float()
+        finite = torch.isfinite(stacked).all(dim=2).all(dim=0)
+        if not bool(finite.all()):
+            bad = [name for name, ok in zip(self.hook_names, finite.tolist()) if not ok]
+            raise ValueError(f"activations of hook(s) {bad} contain NaN/inf (model dtype "
+                             f"{next(self.model.parameters()).dtype}); load the model with dtype='float32' "
+                             "(and autocast_lm=False).")
+        return stacked, torch.isin(tokens, self.special_ids).flatten()
+
+
+def mean_norm_stats(acts: Tensor, special: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum over non-special rows of each hook's L2 norm [n_hooks] float64, number of such rows)."""
+    kept = acts[~special]
+    count = torch.tensor(float(len(kept)), dtype=torch.float64, device=acts.device)
+    return kept.norm(dim=-1).sum(0, dtype=torch.float64), count
+
+
+def per_process_batch_size(train_batch_size_tokens: int, num_processes: int) -> int:
+    if train_batch_size_tokens % num_processes:
+        raise ValueError(f"train_batch_size_tokens={train_batch_size_tokens} is not divisible by the "
+                         f"{num_processes} processes; use a multiple of {num_processes}.")
+    return train_batch_size_tokens // num_processes
+
+
+class ActivationsStore:
+    """Endless normalized, shuffled `(acts_in [B, n_in, d_model], acts_out [B, n_out, d_model])` batches.
+
+    `B = train_batch_size_tokens // num_processes`. `model`/`tokenizer` default to
+    `load_model_and_tokenizer(cfg, device)`; with `cfg.cached_activations_path` no model is loaded
+    (`model` and `tokenizer` are None, and the token-based methods used by CE evals raise).
+    The first normalization estimate is a collective call under data parallelism: every process must
+    make it (the first `next_batch()` does). See the module docstring for the buffer and its memory.
+    """
+
+    def __init__(self, cfg: Any, model: nn.Module | None = None, tokenizer: Any = None,
+                 device: str | torch.device | None = None) -> None:
+        state = PartialState()
+        self.cfg, self.process_index, self.num_processes = cfg, state.process_index, state.num_processes
+        self.batch_size = per_process_batch_size(cfg.train_batch_size_tokens, self.num_processes)
+        self.device = torch.device(device or cfg.device or state.device)
+        self.hook_names_in, self.hook_names_out = list(cfg.hook_names_in), list(cfg.hook_names_out)
+        self.hook_names = list(dict.fromkeys(self.hook_names_in + self.hook_names_out))  # each stored once
+        self._in_index = torch.tensor([self.hook_names.index(h) for h in self.hook_names_in], device=self.device)
+        self._out_index = torch.tensor([self.hook_names.index(h) for h in self.hook_names_out], device=self.device)
+        self.model = self.tokenizer = self._cache = self._tokens = None
+        if cfg.cached_activations_path:
+            from .cache import CachedActivationsReader  # cache.py builds on this module
+
+            self._cache = CachedActivationsReader(
+                cfg.cached_activations_path, self.hook_names, cfg.d_model, self.process_index,
+                self.num_processes, cfg.store_batch_size_prompts * cfg.context_size, cfg.exclude_special_tokens)
+        else:
+            self._init_model(model, tokenizer)
+        self.buffer_rows = cfg.n_batches_in_buffer * self.batch_size
+        self._generator = torch.Generator().manual_seed(cfg.seed + self.process_index)
+        self._scale: Tensor | None = None
+        self._stats: list[Any] | None = None  # [norm sums, row count, chunks seen] while estimating
+        self._buffer: Tensor | None = None
+        self._free: Tensor | None = None   # slots to (re)fill, filled in order up to _n_filled
+        self._n_filled = 0
+        self._order: Tensor | None = None  # slots served this cycle, served up to _served
+        self._served = 0
+        self._carry: Tensor | None = None  # harvested rows that did not fit the last fill
+
+    def _init_model(self, model: nn.Module | None, tokenizer: Any) -> None:
+        cfg = self.cfg
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(cfg, self.device)
+        elif tokenizer is None:
+            raise ValueError("ActivationsStore got a model without its tokenizer; pass tokenizer= too.")
+        else:
+            check_d_model(model.config, cfg.d_model, cfg.model_name)
+            check_context_size(model.config, cfg.context_size, cfg.model_name)
+        self.model, self.tokenizer = freeze(model), tokenizer
+        self._harvester = ActivationHarvester(model, tokenizer, self.hook_names, cfg)
+        self._tokens = TokenStream(cfg, tokenizer, self.process_index, self.num_processes)
+
+    # --- harvesting ---
+
+    def _next_chunk(self) -> Tensor:
+        """The next raw training rows [m, n_hooks, d_model] on the store's device."""
+        if self._cache is not None:
+            return self._cache.next_chunk().to(self.device)
+        acts, special = self._harvester(self._tokens.next_batch(self.cfg.store_batch_size_prompts))
+        if self._stats is not None and self._stats[2] < self.cfg.n_batches_for_norm_estimate:
+            sums, count = mean_norm_stats(acts, special)
+            self._stats = [self._stats[0] + sums, self._stats[1] + count, self._stats[2] + 1]
+        keep = ~special if self.cfg.exclude_special_tokens else torch.ones_like(special)
+        return acts[keep].to(self.device)
+
+    def _fill(self) -> None:
+        """Write the carry, then fresh chunks, into the free slots until none is left."""
+        if self._buffer is None:
+            self._buffer = torch.empty(self.buffer_rows, len(self.hook_names), self.cfg.d_model,
+                                       dtype=torch.float32, device=self.device)
+            self._free, self._n_filled = torch.arange(self.buffer_rows, device=self.device), 0
+        while self._n_filled < len(self._free):
+            rows, self._carry = (self._carry if self._carry is not None else self._next_chunk()), None
+            take = min(len(rows), len(self._free) - self._n_filled)
+            self._buffer[self._free[self._n_filled:self._n_filled + take]] = rows[:take]
+            self._n_filled += take
+            if take < len(rows):
+                self._carry = rows[take:].clone()  # a copy, so the rest of the chunk can be freed
+
+    # --- normalization ---
+
+    def estimate_norm_scaling(self) -> Tensor:
+        """Per-hook scales [n_hooks] (raw -> normalized), estimated once (ones for 'none')."""
+        if self._scale is not None:
+            return self._scale
+        d_model, n_hooks = self.cfg.d_model, len(self.hook_names)
+        if self.cfg.normalize_activations == "none":
+            scale = torch.ones(n_hooks, dtype=torch.float64)
+        elif self._cache is not None:
+            scale = math.sqrt(d_model) / self._cache.mean_norms
+        else:
+            scale = math.sqrt(d_model) / self._estimate_mean_norms()
+        self._scale = scale.to(self.device, torch.float32)
+        return self._scale
+
+    def _estimate_mean_norms(self) -> Tensor:
+        zeros = torch.zeros(len(self.hook_names), dtype=torch.float64, device=self.device)
+        self._stats = [zeros, torch.zeros((), dtype=torch.float64, device=self.device), 0]
+        self._fill()  # the first chunks are the estimate's and fill the buffer
+        while self._stats[2] < self.cfg.n_batches_for_norm_estimate:
+            self._next_chunk()  # only when the estimate wants more chunks than the buffer holds
+        sums, count, _ = self._stats
+        self._stats = None
+        if count.item() == 0:
+            raise ValueError("no non-special token positions to estimate the activation norms from; check "
+                             "the dataset or set normalize_activations='none'.")
+        means = reduce(sums / count, reduction="mean")
+        zero = [h for h, m in zip(self.hook_names, means.tolist()) if not m > 0]
+        if zero:
+            raise ValueError(f"hook(s) {zero} have zero mean activation norm; cannot normalize them. Pick "
+                             "other hooks or set normalize_activations='none'.")
+        return means
+
+    @property
+    def scale_in(self) -> Tensor:
+        return self.estimate_norm_scaling()[self._in_index]
+
+    @property
+    def scale_out(self) -> Tensor:
+        return self.estimate_norm_scaling()[self._out_index]
+
+    # --- serving ---
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """(acts_in [B, n_in, d_model], acts_out [B, n_out, d_model]), normalized float32."""
+        scale = self.estimate_norm_scaling()
+        if self._order is None or self._served >= len(self._order):
+            if self._order is not None:
+                self._free, self._n_filled = self._order.sort().values, 0  # refill what was served
+            self._fill()
+            half = (self.cfg.n_batches_in_buffer // 2) * self.batch_size
+            self._order = torch.randperm(self.buffer_rows, generator=self._generator)[:half].to(self.device)
+            self._served = 0
+        index = self._order[self._served:self._served + self.batch_size]
+        self._served += self.batch_size
+        acts = self._buffer[index].mul_(scale[:, None])  # the gather is a copy: scale it in place
+        return acts[:, self._in_index], acts[:, self._out_index]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    # --- token-level access for evals ---
+
+    def _require_model(self, what: str) -> None:
+        if self.model is None:
+            raise ValueError(f"{what} needs the language model, but this store reads an activation cache "
+                             "(cached_activations_path); run evals that need tokens without the cache.")
+
+    def next_tokens(self) -> Tensor:
+        """The next `store_batch_size_prompts` packed rows [n, context_size] on the model's device
+        (consumed from the training stream)."""
+        self._require_model("next_tokens()")
+        return self._tokens.next_batch(self.cfg.store_batch_size_prompts).to(self._harvester.device)
+
+    def activations_from_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(acts_in [b*s, n_in, d], acts_out [b*s, n_out, d], keep [b*s] bool), normalized, on the
+        store's device; `keep` marks the positions training uses (special tokens excluded if asked)."""
+        self._require_model("activations_from_tokens()")
+        scale = self.estimate_norm_scaling()
+        acts, special = self._harvester(tokens)
+        acts = acts.to(self.device) * scale[:, None]
+        keep = ~special if self.cfg.exclude_special_tokens else torch.ones_like(special)
+        return acts[:, self._in_index], acts[:, self._out_index], keep.to(self.device)
+
+    # --- exact resume ---
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that determines the rest of the stream: tensors (the buffer's raw rows, slot
+        indices, RNG, scales; the buffer is n_batches_in_buffer * B * n_hooks * d_model * 4 bytes) and
+        plain ints/lists (positions). `save()` writes it as safetensors + json."""
+        tensors = {"buffer": self._buffer, "free": self._free, "order": self._order, "carry": self._carry,
+                   "scale": self._scale, "generator": self._generator.get_state()}
+        state: dict[str, Any] = {k: v.detach().cpu() for k, v in tensors.items() if v is not None}
+        source = self._cache if self._cache is not None else self._tokens
+        state.update(n_filled=self._n_filled, served=self._served, source=source.state_dict(),
+                     hook_names=self.hook_names, batch_size=self.batch_size, buffer_rows=self.buffer_rows)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = (list(state["hook_names"]), state["batch_size"], state["buffer_rows"])
+        if saved != (self.hook_names, self.batch_size, self.buffer_rows):
+            raise ValueError(f"activations-store state was saved with hooks {saved[0]}, per-process batch "
+                             f"{saved[1]} and buffer {saved[2]} rows; this run has {self.hook_names}, "
+                             f"{self.batch_size}, {self.buffer_rows}. Resume with the same hook names, "
+                             "train_batch_size_tokens, n_batches_in_buffer and number of processes.")
+
+        def tensor(name: str) -> Tensor | None:
+            return state[name].to(self.device) if name in state else None
+
+        self._buffer, self._free, self._order = tensor("buffer"), tensor("free"), tensor("order")
+        self._carry, self._scale = tensor("carry"), tensor("scale")
+        self._generator.set_state(state["generator"].cpu())
+        self._n_filled, self._served = int(state["n_filled"]), int(state["served"])
+        (self._cache if self._cache is not None else self._tokens).load_state_dict(state["source"])
+
+    def save(self, directory: str | Path) -> None:
+        """Write `state_dict()` to `directory` as activations_store.safetensors + .json (no pickle)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, Tensor)}
+        save_file(tensors, str(directory / STATE_TENSORS))
+        rest = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
+        (directory / STATE_JSON).write_text(json.dumps(rest))
+
+    def load(self, directory: str | Path) -> None:
+        """Restore what `save(directory)` wrote: the stream continues exactly where it was."""
+        directory = Path(directory)
+        try:
+            state = {**json.loads((directory / STATE_JSON).read_text()),
+                     **load_file(str(directory / STATE_TENSORS))}
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the activations-store state in {directory} ({err}); resume from a "
+                             "complete checkpoint.") from err
+        self.load_state_dict(state)

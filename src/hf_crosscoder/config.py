@@ -1,0 +1,292 @@
+"""Crosscoder hyper-parameters, defined once.
+
+`CrosscoderArgs` is the single list of architecture hyper-parameters (name, default, help). The saved
+`CrosscoderConfig` (a `PretrainedConfig`, what goes into config.json) and the runner's dataclass config
+both take their fields and defaults from it, so one flag name means one thing everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PretrainedConfig
+
+CONFIG_VERSION = 1
+
+
+def arg(default: Any = None, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field whose help text becomes the CLI's `--help` (HfArgumentParser reads metadata)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class CrosscoderArgs:
+    """Architecture hyper-parameters shared by `CrosscoderConfig` and the training runner's config."""
+
+    architecture: str = arg("crosscoder", "One of: crosscoder, skip_crosscoder, jumprelu_crosscoder, "
+                            "topk_crosscoder, batchtopk_crosscoder.")
+    d_model: int = arg(512, "Width of each hooked activation (the model's hidden size; 512 for pythia-70m).")
+    hook_names_in: list[str] = arg([], "Hooks the crosscoder reads, e.g. blocks.0.hook_resid_post "
+                                   "blocks.1.hook_resid_post (TransformerLens-style names or module paths).")
+    hook_names_out: list[str] = arg([], "Hooks the crosscoder reconstructs (same as the inputs: acausal; "
+                                    "later layers: causal; any mix).")
+    d_sae: int = arg(4096, "Number of latents (dictionary size).")
+    l1_coefficient: float = arg(1.0, "Sparsity coefficient: scales the decoder-norm-weighted L1 (ReLU "
+                                "architectures) or the L0/tanh penalty (JumpReLU). Unused by TopK.")
+    sparsity_decoder_norm: str = arg("sum", "How a latent's decoder norm across output layers is taken: "
+                                     "'sum' of per-layer L2 norms (Anthropic crosscoder) or 'concat' "
+                                     "(L2 of the concatenation: an SAE on the stacked layers).")
+    k: int = arg(32, "Active latents per token for topk_crosscoder (batchtopk: on average).")
+    k_aux: int | None = arg(None, "Dead latents used by the AuxK loss; default d_model // 2 per output "
+                            "layer (n_out * d_model // 2), capped at d_sae.")
+    aux_coefficient: float = arg(1 / 32, "Weight of the AuxK loss (TopK/BatchTopK).")
+    jumprelu_init_threshold: float = arg(0.01, "Initial JumpReLU threshold (0.1 for the tanh recipe).")
+    jumprelu_bandwidth: float = arg(0.05, "Width of the rectangle kernel of the straight-through "
+                                    "estimator (2.0 for the tanh recipe).")
+    jumprelu_sparsity: str = arg("step", "JumpReLU sparsity penalty: 'step' (L0, SAELens) or 'tanh' "
+                                 "(Anthropic Jan 2025: tanh(c * f * decoder_norm)).")
+    jumprelu_tanh_scale: float = arg(4.0, "The c in the tanh penalty.")
+    jumprelu_pre_act_coefficient: float = arg(3e-6, "Weight of the pre-activation loss "
+                                              "relu(theta - h) * decoder_norm that revives latents.")
+    jumprelu_pre_act_latents: str = arg("dead", "Latents the pre-activation loss applies to: 'dead' "
+                                        "(SAELens, default), 'all' (Anthropic) or 'none'.")
+    batchtopk_threshold_momentum: float = arg(0.99, "EMA momentum of the BatchTopK inference threshold.")
+    decoder_init_norm: float = arg(0.1, "Initial L2 norm of each latent's decoder vector in each layer.")
+
+
+ARG_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(CrosscoderArgs)}
+
+SPARSITY_DECODER_NORMS = ("sum", "concat")
+JUMPRELU_SPARSITIES = ("step", "tanh")
+PRE_ACT_LATENTS = ("dead", "all", "none")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(choices)}.")
+
+
+def validate_crosscoder_args(c: Any) -> None:
+    """Raise a ValueError naming the fix for any inconsistent hyper-parameter (duck-typed on `c`)."""
+    from .modeling import ARCHITECTURES  # the registry is the single list of valid names
+
+    if c.architecture not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {c.architecture!r}; valid architectures: "
+                         f"{', '.join(ARCHITECTURES)}.")
+    for name in ("hook_names_in", "hook_names_out"):
+        hooks = getattr(c, name)
+        if isinstance(hooks, str) or not hooks:
+            raise ValueError(f"{name} must be a non-empty list of hook names, e.g. "
+                             f"['blocks.0.hook_resid_post']; got {hooks!r}.")
+        if len(set(hooks)) != len(hooks):
+            raise ValueError(f"{name} lists a hook twice: {hooks}; list each hook once.")
+    if c.d_model is None or c.d_model <= 0:
+        raise ValueError(f"d_model must be a positive integer (the model's hidden size); got {c.d_model}.")
+    if c.d_sae is not None and c.d_sae <= 0:
+        raise ValueError(f"d_sae must be a positive number of latents; got {c.d_sae}.")
+    if c.architecture in ("topk_crosscoder", "batchtopk_crosscoder"):
+        if c.k <= 0 or (c.d_sae is not None and c.k > c.d_sae):
+            raise ValueError(f"k={c.k} must be between 1 and d_sae={c.d_sae}; lower k or raise d_sae.")
+        if c.k_aux is not None and c.k_aux <= 0:
+            raise ValueError(f"k_aux must be positive (or None for the default); got {c.k_aux}.")
+    if c.l1_coefficient < 0:
+        raise ValueError(f"l1_coefficient must be >= 0; got {c.l1_coefficient}.")
+    if c.jumprelu_bandwidth <= 0:
+        raise ValueError(f"jumprelu_bandwidth must be > 0; got {c.jumprelu_bandwidth}.")
+    if not 0.0 <= c.batchtopk_threshold_momentum < 1.0:
+        raise ValueError("batchtopk_threshold_momentum must be in [0, 1); "
+                         f"got {c.batchtopk_threshold_momentum}.")
+    _choice("sparsity_decoder_norm", c.sparsity_decoder_norm, SPARSITY_DECODER_NORMS)
+    _choice("jumprelu_sparsity", c.jumprelu_sparsity, JUMPRELU_SPARSITIES)
+    _choice("jumprelu_pre_act_latents", c.jumprelu_pre_act_latents, PRE_ACT_LATENTS)
+
+
+class CrosscoderConfig(PretrainedConfig):
+    """config.json of a crosscoder: its hyper-parameters plus where its activations came from.
+
+    Hyper-parameters are those of `CrosscoderArgs` (same names and defaults). `d_in` and `d_out` are
+    derived (`d_model * len(hook_names_in|out)`); passing inconsistent values raises. Provenance fields
+    (`model_name`, `dataset_path`, `context_size`, `training_tokens`, the per-hook activation scales and
+    whether they were folded into the weights) make config.json alone say what the model was trained on.
+    """
+
+    model_type = "crosscoder"
+    PROVENANCE = {
+        "model_name": None,
+        "dataset_path": None,
+        "context_size": None,
+        "training_tokens": None,
+        "activation_scale_in": None,   # per-hook scalars the training activations were multiplied by
+        "activation_scale_out": None,
+        "activation_norm_folded": False,  # True once those scales live in the weights (raw-scale model)
+        "config_version": CONFIG_VERSION,
+    }
+
+    def __init__(self, d_in: int | None = None, d_out: int | None = None, **kwargs: Any) -> None:
+        for name, default in {**ARG_DEFAULTS, **self.PROVENANCE}.items():
+            value = kwargs.pop(name, default)
+            setattr(self, name, list(value) if isinstance(value, (list, tuple)) else value)
+        super().__init__(**kwargs)
+        validate_crosscoder_args(self)
+        for name, given, derived in (("d_in", d_in, self.d_in), ("d_out", d_out, self.d_out)):
+            if given is not None and given != derived:
+                hooks = "hook_names_in" if name == "d_in" else "hook_names_out"
+                raise ValueError(f"{name}={given} does not match d_model * len({hooks}) = {derived}; "
+                                 f"drop {name} (it is derived) or fix d_model / {hooks}.")
+        if self.k_aux is None:
+            self.k_aux = min(self.d_sae, max(1, self.n_out * (self.d_model // 2)))  # d_model 1: not 0
+
+    @property
+    def n_in(self) -> int:
+        return len(self.hook_names_in)
+
+    @property
+    def n_out(self) -> int:
+        return len(self.hook_names_out)
+
+    @property
+    def d_in(self) -> int:
+        return self.d_model * self.n_in
+
+    @property
+    def d_out(self) -> int:
+        return self.d_model * self.n_out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["d_in"], out["d_out"] = self.d_in, self.d_out  # written for readers; re-derived on load
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        # config.json is the provenance record: write every field, not only those differing from defaults
+        return self.to_dict()
+
+
+NORMALIZATIONS = ("none", "expected_average")
+LR_SCHEDULERS = ("constant", "cosineannealing", "linear")
+HUB_STRATEGIES = ("end", "checkpoint")
+
+
+@dataclass
+class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs):
+    """Everything one training run needs: the crosscoder's hyper-parameters plus the run's own fields.
+
+    Names and defaults follow SAELens where it has them. `train_batch_size_tokens` and `training_tokens`
+    are global: under data parallelism each of N processes trains on 1/N of every batch, so the same
+    config gives the same optimization on 1 or N devices. Validated here (all that can be checked
+    without the model) and again once the model's config is read (d_model). Never mutated by training.
+    """
+
+    d_sae: int | None = arg(None, "Number of latents; default expansion_factor * d_in.")
+    expansion_factor: int | None = arg(None, "d_sae = expansion_factor * d_in when d_sae is not given "
+                                       "(default 4).")
+    # --- model ---
+    model_name: str = arg("EleutherAI/pythia-70m", "Hub id or local directory of the transformers model.")
+    model_class_name: str = arg("AutoModelForCausalLM", "transformers Auto class that loads it "
+                                "(AutoModel for encoders such as BERT).")
+    dtype: str = arg("float32", "dtype of the frozen model (bfloat16 is a GPU option).")
+    device: str | None = arg(None, "Device; default: the accelerator's (cuda if present, else cpu).")
+    # --- data ---
+    dataset_path: str = arg("roneneldan/TinyStories", "datasets name, local file (.txt/.json/.jsonl/"
+                            ".parquet/.arrow) or a save_to_disk directory.")
+    dataset_name: str | None = arg(None, "datasets configuration name, if the dataset has several.")
+    dataset_split: str = arg("train", "Split to read.")
+    streaming: bool = arg(True, "Stream the dataset (never loads the corpus whole).")
+    dataset_text_column: str | None = arg(None, "Text column; auto-detected ('text', 'content', ...) "
+                                          "when not given.")
+    is_dataset_tokenized: bool = arg(False, "The dataset holds token ids ('input_ids' or 'tokens').")
+    context_size: int = arg(128, "Tokens per packed sequence.")
+    prepend_bos: bool = arg(True, "Put the tokenizer's BOS (or EOS) token between packed documents.")
+    exclude_special_tokens: bool = arg(True, "Leave BOS/EOS/PAD positions out of training batches "
+                                       "(attention sinks with outsized norms).")
+    # --- activations store ---
+    training_tokens: int = arg(2_000_000, "Total training tokens (global across processes).")
+    train_batch_size_tokens: int = arg(4096, "Tokens per optimizer step (global across processes).")
+    store_batch_size_prompts: int = arg(32, "Sequences per model forward when harvesting (lower on OOM).")
+    n_batches_in_buffer: int = arg(20, "Shuffle buffer size in training batches (lower on OOM).")
+    normalize_activations: str = arg("expected_average", "'expected_average': scale each hook so its "
+                                     "mean norm is sqrt(d_model) (folded into the saved weights); "
+                                     "'none'.")
+    n_batches_for_norm_estimate: int = arg(8, "Harvest batches used to estimate the per-hook scales.")
+    cached_activations_path: str | None = arg(None, "Train from an activation cache written by "
+                                              "CacheActivationsRunner (the model is not loaded).")
+    # --- optimization ---
+    lr: float = arg(3e-4, "Adam learning rate.")
+    adam_beta1: float = arg(0.9, "Adam beta1.")
+    adam_beta2: float = arg(0.999, "Adam beta2.")
+    lr_scheduler_name: str = arg("constant", "constant, cosineannealing or linear (after warmup).")
+    lr_warmup_steps: int = arg(0, "Linear warmup steps from 0.")
+    lr_decay_steps: int = arg(0, "Linear decay to lr_end over the last N steps (constant scheduler).")
+    lr_end: float | None = arg(None, "Final lr for decay/cosine; default lr / 10.")
+    l1_warmup_steps: int = arg(0, "Ramp the sparsity coefficient linearly from 0 over N steps.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm (0 disables).")
+    dead_feature_window: int = arg(1000, "A latent that has not fired for more than this many steps is "
+                                   "dead (feeds AuxK and the pre-activation loss).")
+    feature_sampling_window: int = arg(2000, "Steps over which feature densities are measured for logs.")
+    # --- logging, evals, checkpoints ---
+    log_to_wandb: bool = arg(False, "Log to Weights & Biases (WANDB_MODE=offline works).")
+    wandb_project: str = arg("hf_crosscoder", "wandb project.")
+    wandb_entity: str | None = arg(None, "wandb entity.")
+    run_name: str | None = arg(None, "Run name; default derived from architecture, d_sae and hooks.")
+    wandb_log_frequency: int = arg(10, "Log training metrics every N steps.")
+    eval_every_n_wandb_logs: int = arg(100, "Run evals every N logging steps (also without wandb).")
+    n_eval_batches: int = arg(10, "Harvest batches per eval.")
+    n_checkpoints: int = arg(0, "Checkpoints spaced over training (one more is written at the end).")
+    checkpoint_path: str | None = arg(None, "Checkpoint directory; default OUTPUT_PATH/checkpoints.")
+    resume_from_checkpoint: str | None = arg(None, "A checkpoint directory, or 'latest' for the newest "
+                                             "one in checkpoint_path.")
+    output_path: str = arg("crosscoder_output", "Where the trained crosscoder, config and metrics go.")
+    overwrite_output: bool = arg(False, "Allow writing into a non-empty output_path.")
+    # --- speed ---
+    compile_crosscoder: bool = arg(False, "torch.compile the crosscoder's loss.")
+    compile_llm: bool = arg(False, "torch.compile the frozen model.")
+    autocast: bool = arg(False, "bf16 autocast for the crosscoder (GPU).")
+    autocast_lm: bool = arg(False, "bf16 autocast for the model forward (GPU).")
+    seed: int = arg(42, "Random seed.")
+    # --- hub ---
+    hf_repo_id: str | None = arg(None, "Hub repo to publish to, e.g. org/pythia70m-cc.")
+    push_to_hub: bool = arg(False, "Publish to hf_repo_id.")
+    hub_private: bool = arg(False, "Create the hub repo private.")
+    hub_strategy: str = arg("end", "'end': publish once at the end; 'checkpoint': also every checkpoint.")
+
+    def __post_init__(self) -> None:
+        if self.d_sae is None:
+            self.d_sae = (self.expansion_factor or 4) * self.d_model * len(self.hook_names_in or [0])
+        validate_crosscoder_args(self)
+        self._validate_run()
+
+    def _validate_run(self) -> None:
+        positive = ("context_size", "training_tokens", "train_batch_size_tokens", "store_batch_size_prompts",
+                    "n_batches_in_buffer", "dead_feature_window", "feature_sampling_window",
+                    "wandb_log_frequency", "eval_every_n_wandb_logs")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
+        if self.training_tokens < self.train_batch_size_tokens:
+            raise ValueError(f"training_tokens={self.training_tokens} is smaller than one batch "
+                             f"(train_batch_size_tokens={self.train_batch_size_tokens}); raise "
+                             "training_tokens or lower train_batch_size_tokens.")
+        if self.n_batches_in_buffer < 2:
+            raise ValueError("n_batches_in_buffer must be >= 2 (half the buffer is served while the other "
+                             "half refills).")
+        _choice("normalize_activations", self.normalize_activations, NORMALIZATIONS)
+        _choice("lr_scheduler_name", self.lr_scheduler_name, LR_SCHEDULERS)
+        _choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
+        if self.push_to_hub and not self.hf_repo_id:
+            raise ValueError("push_to_hub=True needs hf_repo_id (e.g. 'org/pythia70m-cc').")
+
+    @property
+    def total_training_steps(self) -> int:
+        return self.training_tokens // self.train_batch_size_tokens
+
+    def crosscoder_config(self, **provenance: Any) -> CrosscoderConfig:
+        """The `CrosscoderConfig` this run trains (hyper-parameters copied by name, plus provenance)."""
+        hyper = {name: getattr(self, name) for name in ARG_DEFAULTS}
+        return CrosscoderConfig(**hyper, model_name=self.model_name, dataset_path=self.dataset_path,
+                                context_size=self.context_size, training_tokens=self.training_tokens,
+                                **provenance)

@@ -1,0 +1,152 @@
+"""Evaluation, callable on its own and run during training whether or not wandb is on.
+
+Reconstruction metrics are computed in normalized activation space (each hook weighs alike) and say
+so in their keys. Explained variance is 1 - SSE/SST over all eval tokens, SST centred on the
+per-dimension mean (not a mean of per-token ratios); the overall value is sum SSE / sum SST across hooks.
+CE metrics splice one output hook at a time, in raw scale, and need a causal LM; for other models they
+are reported as "n/a".
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .hooks import splice
+from .modeling import Crosscoder
+
+DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens is "dense" (a convention)
+
+
+class _Sums:
+    """Running sums that reduce to the metrics; kept as tensors so processes can all-reduce them."""
+
+    def __init__(self, n_out: int, d_model: int, d_sae: int, device) -> None:
+        z = dict(device=device, dtype=torch.float64)
+        self.sse = torch.zeros(n_out, **z)
+        self.sum_y = torch.zeros(n_out, d_model, **z)
+        self.sum_y2 = torch.zeros(n_out, d_model, **z)
+        self.fires = torch.zeros(d_sae, **z)
+        self.n = torch.zeros((), **z)
+        self.ce = torch.zeros(3 * n_out + 2, **z)  # clean, [spliced, zero, kl] per hook, token count
+
+    def tensors(self) -> list[Tensor]:
+        return [self.sse, self.sum_y, self.sum_y2, self.fires, self.n, self.ce]
+
+
+def is_causal_lm(model) -> bool:
+    """CE-loss evals need next-token logits from the same model the hooks sit in."""
+    return model is not None and model.__class__.__name__.endswith("ForCausalLM")
+
+
+@torch.no_grad()
+def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None) -> dict:
+    """Metrics over `n_batches` fresh batches of `store` (see module docstring for the definitions).
+
+    `store` provides next_tokens(), activations_from_tokens(tokens), scale_out and model (an
+    ActivationsStore). Under data parallelism the sums are all-reduced, so every process returns the same.
+    """
+    cfg = crosscoder.config
+    was_training = crosscoder.training
+    crosscoder.eval()
+    sums = _Sums(cfg.n_out, cfg.d_model, cfg.d_sae, crosscoder.W_dec.device)
+    causal = is_causal_lm(store.model)
+    for _ in range(n_batches):
+        tokens = store.next_tokens()
+        acts_in, acts_out, keep = store.activations_from_tokens(tokens)
+        out = crosscoder(acts_in[keep], acts_out[keep])
+        _accumulate_reconstruction(sums, out, acts_out[keep])
+        if causal:
+            recon = torch.zeros_like(acts_out)
+            recon[keep] = out.reconstruction.view_as(acts_out[keep]).to(recon.dtype)
+            _accumulate_ce(sums, store, tokens, recon, keep)
+    if accelerator is not None and accelerator.num_processes > 1:
+        for t in sums.tensors():
+            t.copy_(accelerator.reduce(t, "sum"))
+    crosscoder.train(was_training)
+    return _finish(sums, cfg.hook_names_out, causal)
+
+
+def _accumulate_reconstruction(sums: _Sums, out, y: Tensor) -> None:
+    y = y.double()
+    r = out.reconstruction.view_as(y).double()
+    sums.sse += (y - r).pow(2).sum(dim=(0, 2))
+    sums.sum_y += y.sum(0)
+    sums.sum_y2 += y.pow(2).sum(0)
+    sums.fires += (out.feature_acts > 0).sum(0).double()
+    sums.n += y.shape[0]
+
+
+def _accumulate_ce(sums: _Sums, store, tokens: Tensor, recon_norm: Tensor, keep: Tensor) -> None:
+    """CE of the clean model, and with each output hook replaced by the reconstruction (raw scale) or
+    zeros; KL(clean || spliced) summed over the vocabulary. Excluded positions (BOS) keep their activation."""
+    model, hooks = store.model, store.hook_names_out
+    b, s = tokens.shape
+    n_out = len(hooks)
+    clean = model(tokens).logits
+    n_pred = b * (s - 1)
+    sums.ce[0] += _next_token_ce(clean, tokens) * n_pred
+    keep_bs = keep.view(b, s, 1)
+    clean_logp = F.log_softmax(clean[:, :-1].float(), -1)  # the positions CE is measured on
+    for j, hook in enumerate(hooks):
+        raw = (recon_norm[:, j] / store.scale_out[j]).view(b, s, -1)
+
+        def with_recon(act: Tensor, raw=raw) -> Tensor:
+            return torch.where(keep_bs, raw.to(act.dtype), act)
+
+        with splice(model, {hook: with_recon}):
+            spliced = model(tokens).logits
+        with splice(model, {hook: torch.zeros_like}):
+            zeroed = model(tokens).logits
+        kl = F.kl_div(F.log_softmax(spliced[:, :-1].float(), -1), clean_logp, log_target=True, reduction="sum")
+        sums.ce[1 + 3 * j] += _next_token_ce(spliced, tokens) * n_pred
+        sums.ce[2 + 3 * j] += _next_token_ce(zeroed, tokens) * n_pred
+        sums.ce[3 + 3 * j] += kl
+    sums.ce[3 * n_out + 1] += n_pred
+
+
+def _next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def _finish(sums: _Sums, hooks: list[str], causal: bool) -> dict:
+    n = sums.n.clamp(min=1)
+    sst = (sums.sum_y2 - sums.sum_y.pow(2) / n).sum(-1)  # centred on the per-dimension mean
+    m: dict = {"n_eval_tokens": int(sums.n.item())}
+    for j, hook in enumerate(hooks):
+        fvu = (sums.sse[j] / sst[j].clamp(min=1e-12)).item()
+        m[f"fvu_normalized/{hook}"] = fvu
+        m[f"explained_variance_normalized/{hook}"] = 1 - fvu
+        m[f"mse_normalized/{hook}"] = (sums.sse[j] / n).item()
+    fvu_all = (sums.sse.sum() / sst.sum().clamp(min=1e-12)).item()
+    m["fvu_normalized"], m["explained_variance_normalized"] = fvu_all, 1 - fvu_all
+    density = sums.fires / n
+    m["l0"] = (sums.fires.sum() / n).item()
+    m["dead_fraction"] = (density == 0).double().mean().item()
+    m["dense_fraction"] = (density > DENSE_THRESHOLD).double().mean().item()
+    m["feature_density_log10"] = torch.log10(density + 1e-10).float().tolist()
+    m.update(_finish_ce(sums, hooks) if causal else {"ce_loss_clean": "n/a"})
+    return m
+
+
+def _finish_ce(sums: _Sums, hooks: list[str]) -> dict:
+    n_pred = sums.ce[-1].clamp(min=1)
+    clean = (sums.ce[0] / n_pred).item()
+    m: dict = {"ce_loss_clean": clean}
+    for j, hook in enumerate(hooks):
+        spliced = (sums.ce[1 + 3 * j] / n_pred).item()
+        zero = (sums.ce[2 + 3 * j] / n_pred).item()
+        m[f"ce_loss_spliced/{hook}"] = spliced
+        m[f"ce_loss_zero_ablated/{hook}"] = zero
+        gap = zero - clean
+        m[f"ce_loss_score/{hook}"] = (zero - spliced) / gap if abs(gap) > 1e-12 else math.nan
+        m[f"kl_div/{hook}"] = (sums.ce[3 + 3 * j] / n_pred).item()
+    return m
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The metrics that are plain numbers (for logs and tables)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+

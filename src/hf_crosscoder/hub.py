@@ -1,0 +1,406 @@
+"""Hugging Face Hub integration: the model card, the output folder, and publishing.
+
+- `build_model_card` writes a `huggingface_hub.ModelCard` (metadata through `ModelCardData`, body from a
+  small Jinja template): what the crosscoder reads and writes, its hyper-parameters, the tokens it was
+  trained on, the final evaluation table, the command that reproduces the run, a usage snippet, plots.
+- `save_for_hub` = `save_pretrained` + README.md; the runner calls it for its final output folder.
+- `push_folder_to_hub` publishes such a folder (optionally into a subfolder: several crosscoders per
+  repo, loaded with `Crosscoder.from_pretrained(repo, subfolder=...)`; the repo root then gets a small
+  index card listing them).
+
+Loading is transformers' own: `Crosscoder.from_pretrained(repo_id, revision=, subfolder=, cache_dir=,
+token=)`, offline from the Hub cache with HF_HUB_OFFLINE=1.
+
+The card's metadata is checked locally (a parse round trip through `ModelCard` / `metadata_load`):
+`ModelCard.validate()` posts the card to the Hub's /api/validate-yaml, so it needs the network; the Hub
+runs that same check when the card is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError
+
+from .config import ARG_DEFAULTS, CrosscoderConfig
+
+LIBRARY_NAME = "hf_crosscoder"
+BASE_TAGS = ("crosscoder", "sparse-autoencoder", "interpretability")
+DEFAULT_LICENSE = "apache-2.0"
+DEFAULT_COMMIT_MESSAGE = "Upload crosscoder with hf_crosscoder"
+RUNNER_MODULE = "hf_crosscoder.llm_crosscoder_training_runner"
+# files of an output folder that belong on the Hub: weights, config, card, plots, metrics / run configs
+UPLOAD_PATTERNS = ("*.safetensors", "*.json", "*.png", "*.yaml", "*.yml", "README.md")
+INDEX_MARKER = "<!-- hf_crosscoder:index -->"  # marks a root card we generated (and may regenerate)
+
+# Hub ids are "org/name"; a bare "gpt2" is ambiguous with a local folder, so it is not claimed as base_model
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+_ARCH_KEYS = {
+    "crosscoder": ("l1_coefficient", "sparsity_decoder_norm"),
+    "skip_crosscoder": ("l1_coefficient", "sparsity_decoder_norm"),
+    "jumprelu_crosscoder": ("l1_coefficient", "jumprelu_sparsity", "jumprelu_bandwidth", "jumprelu_init_threshold",
+                            "jumprelu_tanh_scale", "jumprelu_pre_act_coefficient", "jumprelu_pre_act_latents",
+                            "sparsity_decoder_norm"),
+    "topk_crosscoder": ("k", "k_aux", "aux_coefficient"),
+    "batchtopk_crosscoder": ("k", "k_aux", "aux_coefficient", "batchtopk_threshold_momentum"),
+}
+
+_PER_HOOK_COLUMNS = (
+    ("FVU", "fvu_normalized"),
+    ("explained variance", "explained_variance_normalized"),
+    ("MSE", "mse_normalized"),
+    ("CE loss spliced", "ce_loss_spliced"),
+    ("CE loss zero-ablated", "ce_loss_zero_ablated"),
+    ("CE loss score", "ce_loss_score"),
+    ("KL div (clean vs spliced)", "kl_div"),
+)
+_SUMMARY_ROWS = (
+    ("FVU (all output hooks)", "fvu_normalized"),
+    ("explained variance (all output hooks)", "explained_variance_normalized"),
+    ("L0 (active latents per token)", "l0"),
+    ("dead fraction", "dead_fraction"),
+    ("dense fraction (fires on > 10% of tokens)", "dense_fraction"),
+    ("CE loss clean", "ce_loss_clean"),
+)
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ summary }}
+
+## What it reads and writes
+
+{{ hooks_table }}
+
+## Architecture and hyper-parameters
+
+{{ hyper_table }}
+
+## Training
+
+{{ training_table }}
+
+## Final evaluation
+
+{{ eval_section }}
+
+## Reproduce
+
+```bash
+{{ command }}
+```
+
+## Usage
+
+```python
+{{ usage }}
+```
+{% if plots %}
+## Plots
+{% for plot in plots %}
+![{{ plot }}]({{ plot }})
+{% endfor %}{% endif %}"""
+
+INDEX_TEMPLATE = """---
+{{ card_data }}
+---
+
+""" + INDEX_MARKER + """
+# {{ repo_id }}
+
+Crosscoders trained with `hf_crosscoder`, one per
+subfolder; each subfolder has its own model card (hooks, hyper-parameters, evaluation).
+
+| subfolder | load with |
+|---|---|
+{% for sub in subfolders %}| [{{ sub }}]({{ sub }}/README.md) | `Crosscoder.from_pretrained("{{ repo_id }}", subfolder="{{ sub }}")` |
+{% endfor %}"""
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def hub_id(name: str | None) -> str | None:
+    """`name` when it looks like a Hub id ("org/name") and is not an existing local path, else None."""
+    if not name or Path(name).exists() or not _HUB_ID.match(name) or "--" in name or ".." in name:
+        return None
+    return name
+
+
+def _layer_of(hook: str) -> int | None:
+    match = _LAYER.search(hook)
+    return int(match[1]) if match else None
+
+
+def crosscoder_kind(config: Any) -> str:
+    """SAE, transcoder, acausal / causal crosscoder, from the hook lists (layers parsed from the names)."""
+    hooks_in, hooks_out = list(config.hook_names_in), list(config.hook_names_out)
+    if len(hooks_in) == len(hooks_out) == 1:
+        return "sparse autoencoder (SAE)" if hooks_in == hooks_out else "transcoder"
+    if set(hooks_in) == set(hooks_out):
+        return "acausal crosscoder"
+    layers_in = [_layer_of(h) for h in hooks_in]
+    layers_out = [_layer_of(h) for h in hooks_out]
+    if None not in layers_in + layers_out and min(layers_out) > max(layers_in):
+        return "causal crosscoder"
+    return "crosscoder"
+
+
+def _article(word: str) -> str:
+    return "An" if word[:1].lower() in "aeiou" else "A"
+
+
+def _fmt(value: Any) -> str:
+    """Numbers with 4 significant digits; None, 'n/a' and non-finite values as 'n/a'."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else "n/a"
+    if value is None or value == "n/a":
+        return "n/a"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value).replace("|", "\\|")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _hooks_table(config: Any) -> str:
+    hooks = list(dict.fromkeys([*config.hook_names_in, *config.hook_names_out]))
+    rows = []
+    for hook in hooks:
+        reads = hook in config.hook_names_in
+        writes = hook in config.hook_names_out
+        role = "input and output" if reads and writes else "input" if reads else "output"
+        layer = _layer_of(hook)
+        rows.append((f"`{hook}`", "n/a" if layer is None else layer, role,
+                     "yes" if reads else "", "yes" if writes else ""))
+    kind = crosscoder_kind(config)
+    intro = (f"{_article(kind)} **{kind}**: it reads {config.n_in} hook(s) (`hook_names_in`) and "
+             f"reconstructs {config.n_out} (`hook_names_out`), each of width d_model = {config.d_model}.\n\n")
+    return intro + _table(("hook", "layer", "role", "read (input)", "written (output)"), rows)
+
+
+def _hyper_rows(crosscoder: Any) -> list[tuple[str, str]]:
+    c = crosscoder.config
+    rows = [("architecture", f"`{c.architecture}`"), ("d_model", _fmt(c.d_model)),
+            ("d_in (= d_model x inputs)", _fmt(c.d_in)), ("d_out (= d_model x outputs)", _fmt(c.d_out)),
+            ("d_sae (latents)", _fmt(c.d_sae)), ("expansion (d_sae / d_in)", _fmt(c.d_sae / c.d_in))]
+    for key in _ARCH_KEYS.get(c.architecture, tuple(k for k in ARG_DEFAULTS if k not in ("architecture",
+                                                      "d_model", "d_sae", "hook_names_in", "hook_names_out"))):
+        rows.append((key, _fmt(getattr(c, key, None))))
+    threshold = getattr(crosscoder, "threshold", None)
+    if c.architecture == "batchtopk_crosscoder" and threshold is not None:
+        rows.append(("inference threshold (decoder-scaled)", _fmt(float(threshold))))
+    return rows
+
+
+def _normalization_note(config: Any) -> str:
+    if config.activation_norm_folded:
+        return ("Per-hook activation scales were used in training and are folded into the weights: the "
+                "model runs on raw activations.")
+    if config.activation_scale_in is None:
+        return "Trained on raw (unnormalized) activations."
+    return "Activation scales are NOT folded: multiply inputs by `activation_scale_in` before encoding."
+
+
+def _hyper_table(crosscoder: Any) -> str:
+    table = _table(("hyper-parameter", "value"), _hyper_rows(crosscoder))
+    return table + "\n\n" + _normalization_note(crosscoder.config)
+
+
+def _training_table(config: Any, run_config: Mapping[str, Any] | None) -> str:
+    run = dict(run_config or {})
+    rows = [("model", _fmt(config.model_name or run.get("model_name"))),
+            ("dataset", _fmt(config.dataset_path or run.get("dataset_path"))),
+            ("context size", _fmt(config.context_size or run.get("context_size"))),
+            ("tokens trained", _fmt(config.training_tokens or run.get("training_tokens")))]
+    for key in ("train_batch_size_tokens", "lr", "lr_scheduler_name", "l1_warmup_steps", "seed"):
+        if key in run:
+            rows.append((key, _fmt(run[key])))
+    out = _table(("item", "value"), rows)
+    if run:
+        dumped = json.dumps(run, indent=2, sort_keys=True, default=str)
+        out += f"\n\n<details><summary>Full training configuration</summary>\n\n```json\n{dumped}\n```\n</details>"
+    return out
+
+
+def _metric(metrics: Mapping[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    return _fmt(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else _fmt(value)
+
+
+def _eval_section(config: Any, metrics: Mapping[str, Any] | None) -> str:
+    metrics = metrics or {}
+    rows = [(f"`{hook}`", *(_metric(metrics, f"{key}/{hook}") for _, key in _PER_HOOK_COLUMNS))
+            for hook in config.hook_names_out]
+    per_hook = _table(("output hook", *(name for name, _ in _PER_HOOK_COLUMNS)), rows)
+    summary = _table(("metric", "value"), [(name, _metric(metrics, key)) for name, key in _SUMMARY_ROWS])
+    note = ("Reconstruction metrics are computed in normalized activation space (every hook weighs alike). "
+            "CE loss score = (zero-ablated - spliced) / (zero-ablated - clean): 1 is a perfect splice. "
+            "'n/a': not measured (e.g. CE metrics of encoder models).")
+    if not metrics:
+        note = "No evaluation metrics were recorded for this crosscoder. " + note
+    return f"{per_hook}\n\n{summary}\n\n{note}"
+
+
+def _command_from_run_config(run_config: Mapping[str, Any]) -> str:
+    parts = ["python", "-m", RUNNER_MODULE]
+    for key, value in run_config.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        parts += [f"--{key}", *(shlex.quote(str(v)) for v in values)]
+    return " ".join(parts)
+
+
+def _command(command: str | None, run_config: Mapping[str, Any] | None) -> str:
+    if command:
+        return command
+    if run_config:
+        return _command_from_run_config(run_config)
+    return "# the training command was not recorded"
+
+
+def _usage(config: Any, repo_id: str | None, subfolder: str | None) -> str:
+    where = json.dumps(repo_id or "<repo id or local folder>")
+    sub = f", subfolder={json.dumps(subfolder)}" if subfolder else ""
+    model = json.dumps(config.model_name or "<the model it was trained on>")
+    return (f"from hf_crosscoder import Crosscoder\n"
+            f"from hf_crosscoder.usage import feature_activations, spliced\n\n"
+            f"crosscoder = Crosscoder.from_pretrained({where}{sub})\n"
+            f"# latents per token, on raw activations of {model}\n"
+            f"[(tokens, acts)] = feature_activations(crosscoder, {model}, texts=[\"Once upon a time\"])\n"
+            f"# or run the model with its output hook(s) replaced by the reconstruction:\n"
+            f"# with spliced(crosscoder, model): model(input_ids)")
+
+
+def card_data_for(config: Any, license: str = DEFAULT_LICENSE) -> ModelCardData:
+    """Metadata: library_name, base_model / datasets when they are Hub ids, tags, license."""
+    tags = [*BASE_TAGS, config.architecture]
+    dataset = hub_id(config.dataset_path)
+    return ModelCardData(library_name=LIBRARY_NAME, base_model=hub_id(config.model_name),
+                         datasets=[dataset] if dataset else None, tags=tags, license=license)
+
+
+# ----------------------------------------------------------------------------------------- public API
+def build_model_card(crosscoder: Any, metrics: Mapping[str, Any] | None = None,
+                     run_config: Mapping[str, Any] | None = None, plots: list[str] | None = None,
+                     command: str | None = None, *, repo_id: str | None = None,
+                     subfolder: str | None = None, license: str = DEFAULT_LICENSE) -> ModelCard:
+    """The model card (README.md) of a crosscoder: metadata plus what it does, how well, how to use it.
+
+    `metrics` are the trainer's final evals (keys `fvu_normalized/<hook>`, `l0`, ...; absent ones show
+    'n/a'); `plots` are PNG file names next to the README; `command` reproduces the run (default: built
+    from `run_config`); `repo_id` / `subfolder` go into the usage snippet.
+    """
+    config = crosscoder.config
+    hooks = ", ".join(dict.fromkeys([*config.hook_names_in, *config.hook_names_out]))
+    on_model = f" on {config.model_name}" if config.model_name else ""
+    kind = crosscoder_kind(config)
+    summary = (f"{_article(kind)} {kind} ({config.architecture}, {config.d_sae:,} latents) trained"
+               f"{on_model} with `hf_crosscoder`. "
+               f"Hooks: {hooks}.")
+    return ModelCard.from_template(
+        card_data_for(config, license), template_str=CARD_TEMPLATE,
+        title=f"{config.architecture}{on_model}", summary=summary, hooks_table=_hooks_table(config),
+        hyper_table=_hyper_table(crosscoder), training_table=_training_table(config, run_config),
+        eval_section=_eval_section(config, metrics), command=_command(command, run_config),
+        usage=_usage(config, repo_id, subfolder), plots=list(plots or []))
+
+
+def save_for_hub(crosscoder: Any, folder: str | Path, metrics: Mapping[str, Any] | None = None,
+                 run_config: Mapping[str, Any] | None = None, command: str | None = None, *,
+                 repo_id: str | None = None, subfolder: str | None = None) -> Path:
+    """`save_pretrained(folder)` plus README.md, the model card (the PNGs already in `folder` are its
+    plots). Returns the folder. Refuses a model whose activation normalization is not folded in: a
+    published crosscoder must run on raw activations."""
+    config = crosscoder.config
+    if config.activation_scale_in is not None and not config.activation_norm_folded:
+        raise ValueError("This crosscoder still expects normalized activations; call "
+                         "crosscoder.fold_activation_norm_scaling(config.activation_scale_in, "
+                         "config.activation_scale_out) before saving it for the Hub.")
+    folder = Path(folder)
+    crosscoder.save_pretrained(folder)
+    plots = sorted(p.name for p in folder.glob("*.png"))
+    card = build_model_card(crosscoder, metrics, run_config, plots, command, repo_id=repo_id,
+                            subfolder=subfolder)
+    card.save(folder / "README.md")
+    return folder
+
+
+def _files_to_upload(folder: Path) -> list[Path]:
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json; write it with save_for_hub(crosscoder, {str(folder)!r}) "
+                         "(or crosscoder.save_pretrained) before pushing.")
+    if not any(folder.glob("model*.safetensors")):
+        raise ValueError(f"{folder} has no model.safetensors; write it with save_for_hub(crosscoder, "
+                         f"{str(folder)!r}) (or crosscoder.save_pretrained) before pushing.")
+    # top-level files only: checkpoints/ and other run state stay local
+    return sorted({p for pattern in UPLOAD_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+
+
+def _index_operation(api: HfApi, repo_id: str, subfolder: str, config: Any) -> CommitOperationAdd | None:
+    """Root README listing the repo's crosscoder subfolders, unless the root has a card we did not write."""
+    existing = api.list_repo_files(repo_id)
+    if "README.md" in existing:
+        try:
+            text = Path(api.hf_hub_download(repo_id, "README.md")).read_text(encoding="utf-8")
+        except EntryNotFoundError:
+            text = INDEX_MARKER
+        if INDEX_MARKER not in text:
+            return None  # a hand-written root card: leave it alone
+    subfolders = {f.rsplit("/", 1)[0] for f in existing if f.endswith("/config.json")} | {subfolder}
+    card = ModelCard.from_template(card_data_for(config), template_str=INDEX_TEMPLATE, repo_id=repo_id,
+                                   subfolders=sorted(subfolders))
+    return CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode())
+
+
+def push_folder_to_hub(folder: str | Path, repo_id: str, private: bool = False, subfolder: str | None = None,
+                       token: str | bool | None = None, commit_message: str = DEFAULT_COMMIT_MESSAGE) -> str:
+    """Publish a `save_for_hub` folder: create the repo if needed, then one commit with its config.json,
+    weights, README.md, PNG plots and JSON/YAML metrics (top-level files only). With `subfolder`, the
+    files go there (one crosscoder per subfolder) and the root gets an index card. Returns the commit URL.
+    """
+    folder = Path(folder)
+    files = _files_to_upload(folder)
+    prefix = subfolder.strip("/") + "/" if subfolder else ""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    # create_commit (what upload_folder runs underneath) so the files and the index card land together
+    operations = [CommitOperationAdd(path_in_repo=prefix + p.name, path_or_fileobj=str(p)) for p in files]
+    if prefix:
+        config = CrosscoderConfig.from_pretrained(folder)
+        index = _index_operation(api, repo_id, prefix.rstrip("/"), config)
+        if index is not None:
+            operations.append(index)
+    return api.create_commit(repo_id, operations, commit_message=commit_message).commit_url
+
+
+def push_crosscoder_to_hub(crosscoder: Any, repo_id: str, *, subfolder: str | None = None,
+                           metrics: Mapping[str, Any] | None = None, run_config: Mapping[str, Any] | None = None,
+                           command: str | None = None, private: bool = False, token: str | bool | None = None,
+                           commit_message: str = DEFAULT_COMMIT_MESSAGE) -> str:
+    """`save_for_hub` into a temporary folder, then `push_folder_to_hub`: weights plus this library's
+    model card (PreTrainedModel.push_to_hub writes transformers' generic card instead)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_for_hub(crosscoder, tmp, metrics, run_config, command, repo_id=repo_id, subfolder=subfolder)
+        return push_folder_to_hub(tmp, repo_id, private=private, subfolder=subfolder, token=token,
+                                  commit_message=commit_message)

@@ -1,0 +1,214 @@
+"""`LanguageModelCrosscoderTrainingRunner(cfg).run()`: dataset -> hooks -> store -> trainer -> model -> hub.
+
+Also the seed's command line: `python -m hf_crosscoder.llm_crosscoder_training_runner --model_name ...`
+(and `accelerate launch scripts/train.py ...`, the same code path on one or many processes).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+
+from .activations import ActivationsStore
+from .checkpoints import checkpoint_steps, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import LanguageModelCrosscoderRunnerConfig
+from .evals import evaluate, scalar_metrics
+from .modeling import Crosscoder
+from .trainer import CrosscoderTrainer, StopTraining, install_signal_handlers
+
+__all__ = ["LanguageModelCrosscoderRunnerConfig", "LanguageModelCrosscoderTrainingRunner", "main"]
+
+
+def make_accelerator(cfg: LanguageModelCrosscoderRunnerConfig) -> Accelerator:
+    # the scheduler counts global steps, so it steps once per optimizer step on every process
+    kwargs = dict(step_scheduler_with_optimizer=False, log_with="wandb" if cfg.log_to_wandb else None,
+                  mixed_precision="bf16" if cfg.autocast else None)
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        kwargs["cpu"] = True
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched with several processes: gloo on CPU
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(**kwargs)
+
+
+class LanguageModelCrosscoderTrainingRunner:
+    """Train a crosscoder on a transformers model's activations; `run()` returns the trained model with
+    the activation normalization folded in (it works on raw activations, as saved in output_path)."""
+
+    def __init__(self, cfg: LanguageModelCrosscoderRunnerConfig, override_model=None,
+                 override_tokenizer=None) -> None:
+        self.cfg = cfg
+        self.override_model = override_model
+        self.override_tokenizer = override_tokenizer
+        self.output_path = Path(cfg.output_path)
+        self.checkpoint_root = Path(cfg.checkpoint_path or self.output_path / "checkpoints")
+
+    # ------------------------------------------------------------------ checks before expensive work
+    def _check_output_path(self) -> None:
+        cfg = self.cfg
+        resuming = bool(cfg.resume_from_checkpoint)
+        if self.output_path.exists() and not self.output_path.is_dir():
+            raise ValueError(f"output_path {self.output_path} is a file; choose a directory.")
+        existing = [p.name for p in self.output_path.iterdir()] if self.output_path.is_dir() else []
+        if existing and existing != ["checkpoints"] and not (resuming or cfg.overwrite_output):
+            raise ValueError(f"output_path {self.output_path} is not empty ({', '.join(sorted(existing)[:5])}); "
+                             "choose a new output_path, pass --overwrite_output, or --resume_from_checkpoint latest.")
+        try:
+            self.output_path.mkdir(parents=True, exist_ok=True)
+            probe = self.output_path / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"output_path {self.output_path} is not writable ({err}); choose another.") from err
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Crosscoder:
+        cfg = self.cfg
+        resume = resolve_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_root)
+        acc = make_accelerator(cfg)
+        if acc.is_main_process:
+            self._check_output_path()
+        acc.wait_for_everyone()
+        set_seed(cfg.seed)
+        store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
+        crosscoder = Crosscoder(cfg.crosscoder_config(activation_scale_in=store.scale_in.tolist(),
+                                                      activation_scale_out=store.scale_out.tolist()))
+        trainer = CrosscoderTrainer(cfg, crosscoder, acc)
+        if resume is not None:
+            load_checkpoint(resume, trainer, store)
+        self._init_logging(acc)
+        steps = checkpoint_steps(trainer.total_steps, cfg.n_checkpoints)
+        restore_signals = install_signal_handlers(trainer)
+        bar = tqdm(total=trainer.total_steps * cfg.train_batch_size_tokens, initial=trainer.state.n_tokens,
+                   unit="tok", unit_scale=True, disable=not acc.is_main_process, desc="training")
+        try:
+            trainer.train(iter(store), log_fn=lambda s, m: self._log(acc, s, m, "training_log.jsonl"),
+                          eval_fn=lambda s: self._eval(trainer, store, s),
+                          checkpoint_fn=lambda s: self._checkpoint(trainer, store),
+                          checkpoint_steps=steps, progress=lambda st, m: _progress(bar, cfg, st, m))
+        except StopTraining as stop:
+            path = save_checkpoint(self.checkpoint_root, trainer, store)
+            acc.end_training()
+            raise SystemExit(f"Stopped by {stop} at step {trainer.state.step}; checkpoint written to {path}. "
+                             f"Resume with --resume_from_checkpoint {path} (same flags).") from None
+        finally:
+            restore_signals()
+            bar.close()
+        return self._finish(trainer, store)
+
+    def _checkpoint(self, trainer: CrosscoderTrainer, store) -> None:
+        path = save_checkpoint(self.checkpoint_root, trainer, store)
+        if self.cfg.push_to_hub and self.cfg.hub_strategy == "checkpoint" and trainer.accelerator.is_main_process:
+            from .hub import push_folder_to_hub
+
+            push_folder_to_hub(path, self.cfg.hf_repo_id, private=self.cfg.hub_private,
+                               subfolder=f"checkpoints/{path.name}")
+
+    # ------------------------------------------------------------------ logging and evals
+    def _init_logging(self, acc: Accelerator) -> None:
+        cfg = self.cfg
+        if cfg.log_to_wandb:
+            name = cfg.run_name or f"{cfg.architecture}-{cfg.d_sae}-{'+'.join(cfg.hook_names_in)}"
+            acc.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg),
+                              init_kwargs={"wandb": {"entity": cfg.wandb_entity, "name": name,
+                                                     "dir": str(self.output_path)}})
+
+    def _log(self, acc: Accelerator, step: int, metrics: dict, filename: str) -> None:
+        if acc.is_main_process:
+            with open(self.output_path / filename, "a") as f:
+                f.write(json.dumps({"step": step, **scalar_metrics(metrics)}) + "\n")
+        if self.cfg.log_to_wandb:
+            acc.log(_for_wandb(metrics), step=step)
+
+    def _eval(self, trainer: CrosscoderTrainer, store, step: int) -> dict:
+        metrics = evaluate(trainer.crosscoder, store, self.cfg.n_eval_batches, trainer.accelerator)
+        self._log(trainer.accelerator, step, {f"eval/{k}": v for k, v in metrics.items()}, "eval_log.jsonl")
+        return metrics
+
+    # ------------------------------------------------------------------ final output
+    def _finish(self, trainer: CrosscoderTrainer, store) -> Crosscoder:
+        cfg, acc = self.cfg, trainer.accelerator
+        metrics = self._eval(trainer, store, trainer.state.step)
+        final = copy.deepcopy(trainer.crosscoder).eval()
+        final.fold_activation_norm_scaling(store.scale_in, store.scale_out)
+        if acc.is_main_process:
+            self._write_outputs(final, metrics)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return final
+
+    def _write_outputs(self, final: Crosscoder, metrics: dict) -> None:
+        from .hub import push_folder_to_hub, save_for_hub
+
+        cfg, out = self.cfg, self.output_path
+        (out / "runner_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        _draw_plots(out, final)
+        save_for_hub(final, out, metrics=scalar_metrics(metrics), run_config=dataclasses.asdict(cfg),
+                     command=reproduce_command(cfg))
+        if cfg.push_to_hub:
+            push_folder_to_hub(out, cfg.hf_repo_id, private=cfg.hub_private)
+
+
+def _draw_plots(out: Path, crosscoder: Crosscoder) -> None:
+    try:
+        import matplotlib  # noqa: F401  (an extra: training output is complete without plots)
+    except ImportError:
+        return
+    from .plots import draw_all
+
+    draw_all(out, crosscoder)
+
+
+def _progress(bar, cfg: LanguageModelCrosscoderRunnerConfig, st, metrics: dict | None) -> None:
+    bar.update(st.n_tokens - bar.n)
+    if metrics is not None:
+        fvu = [v for k, v in metrics.items() if k.startswith("fvu/")]
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
+                        fvu=f"{sum(fvu) / max(len(fvu), 1):.3f}", refresh=False)
+
+
+def _for_wandb(metrics: dict) -> dict:
+    out = scalar_metrics(metrics)
+    for key, value in metrics.items():
+        if key.endswith("feature_density_log10"):
+            import wandb
+
+            out[key] = wandb.Histogram(value)
+    return out
+
+
+def reproduce_command(cfg: LanguageModelCrosscoderRunnerConfig) -> str:
+    """The CLI call that reproduces `cfg` (flags that differ from the defaults)."""
+    defaults = LanguageModelCrosscoderRunnerConfig(hook_names_in=cfg.hook_names_in,
+                                                   hook_names_out=cfg.hook_names_out)
+    parts = ["python -m hf_crosscoder.llm_crosscoder_training_runner"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("hook_names_in", "hook_names_out") or value != getattr(defaults, f.name):
+            shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts.append(f"--{f.name} {shown}")
+    return " \\\n    ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> Crosscoder:
+    from .cli import parse_runner_config, print_metrics_table
+
+    cfg = parse_runner_config(argv)
+    crosscoder = LanguageModelCrosscoderTrainingRunner(cfg).run()
+    metrics_file = Path(cfg.output_path) / "metrics.json"
+    if metrics_file.exists():
+        print_metrics_table(json.loads(metrics_file.read_text()))
+    return crosscoder
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,243 @@
+"""SAELens interop: one-hook crosscoders to and from SAELens's on-disk format (sae-lens is not needed).
+
+A SAELens SAE folder holds `cfg.json` and `sae_weights.safetensors` (W_enc [d_in, d_sae], W_dec
+[d_sae, d_in], b_enc [d_sae], b_dec [d_in], plus `threshold` [d_sae] for JumpReLU). Format checked
+against SAELens 6.x source (decoderesearch/SAELens, formerly jbloomAus/SAELens):
+`sae_lens/saes/sae.py` (SAEConfig fields d_in, d_sae, dtype, device, apply_b_dec_to_input,
+normalize_activations, reshape_activations, metadata; `save_model` writes `cfg.to_dict()` with
+"architecture"), `saes/topk_sae.py` (k, rescale_acts_by_decoder_norm), `saes/jumprelu_sae.py`
+(mask `hidden_pre > threshold.relu()`), `saes/batchtopk_sae.py` (BatchTopK is saved for inference as
+JumpReLU with the threshold on every latent), `saes/transcoder.py` (architectures "transcoder",
+"skip_transcoder", "jumprelu_transcoder"; d_out; W_skip [d_out, d_in]; apply_b_dec_to_input must be
+False), and `loading/pretrained_sae_loaders.py` (metadata keys model_name, hook_name, hook_name_out,
+context_size, dataset_path, ...; configs whose metadata.sae_lens_version is below 6.0 are read as
+the pre-6 flat layout, so we write "6.0.0" as the format version).
+
+Export: the crosscoder must run on raw activations (normalization folded, or never used); one input
+hook and one output hook. Different in/out hooks export as SAELens transcoders (d_out, and hook_name_out
+both in metadata, where SAELens 6 reads it, and at the top level, where earlier 6.x transcoder configs
+had it). Mapping: crosscoder -> standard | transcoder; skip_crosscoder -> skip_transcoder;
+jumprelu_crosscoder -> jumprelu | jumprelu_transcoder (threshold = relu(theta)); topk_crosscoder -> topk
+with rescale_acts_by_decoder_norm=True (SAELens then ranks h * ||W_dec||, our relu(h) * decoder norm: the
+same latents; its feature activations are ours times ||W_dec||, its decode divides them back);
+batchtopk_crosscoder -> jumprelu (as SAELens saves BatchTopK), per-latent threshold = our decoder-scaled
+threshold / decoder norm.
+
+Import reverses it (standard -> crosscoder, jumprelu -> jumprelu_crosscoder with theta = threshold,
+topk -> topk_crosscoder, batchtopk -> batchtopk_crosscoder, transcoder / skip_transcoder /
+jumprelu_transcoder -> the same with hook_names_out = [hook_name_out]) and folds SAELens's
+`apply_b_dec_to_input` into the encoder bias: b_enc' = b_enc - b_dec @ W_enc.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import CrosscoderConfig
+from .modeling import Crosscoder
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+_EXPORT_ARCH = {  # ours -> (SAELens SAE, SAELens transcoder or None when it has none)
+    "crosscoder": ("standard", "transcoder"),
+    "skip_crosscoder": ("skip_transcoder", "skip_transcoder"),  # SAELens has no skip SAE
+    "jumprelu_crosscoder": ("jumprelu", "jumprelu_transcoder"),
+    "topk_crosscoder": ("topk", None),
+    "batchtopk_crosscoder": ("jumprelu", "jumprelu_transcoder"),
+}
+_IMPORT_ARCH = {
+    "standard": "crosscoder", "transcoder": "crosscoder", "skip_transcoder": "skip_crosscoder",
+    "jumprelu": "jumprelu_crosscoder", "jumprelu_transcoder": "jumprelu_crosscoder",
+    "topk": "topk_crosscoder", "batchtopk": "batchtopk_crosscoder",
+}
+_TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
+
+
+# ----------------------------------------------------------------------------------------- export
+def _check_exportable(crosscoder: Crosscoder) -> None:
+    c = crosscoder.config
+    if c.n_in != 1 or c.n_out != 1:
+        raise ValueError(f"SAELens holds one input and one output hook per SAE; this crosscoder reads "
+                         f"{c.hook_names_in} and writes {c.hook_names_out}. Only SAEs and transcoders "
+                         "(one hook in, one out) can be exported.")
+    if c.activation_scale_in is not None and not c.activation_norm_folded:
+        raise ValueError("Export needs raw-scale weights: call crosscoder.fold_activation_norm_scaling("
+                         "config.activation_scale_in, config.activation_scale_out) first.")
+    if c.architecture not in _EXPORT_ARCH:
+        raise ValueError(f"No SAELens equivalent for architecture {c.architecture!r}; exportable: "
+                         f"{', '.join(_EXPORT_ARCH)}.")
+
+
+def _saelens_architecture(crosscoder: Crosscoder) -> str:
+    c = crosscoder.config
+    sae, transcoder = _EXPORT_ARCH[c.architecture]
+    if c.hook_names_in == c.hook_names_out:
+        return sae
+    if transcoder is None:
+        raise ValueError(f"SAELens has no transcoder for {c.architecture!r} (hooks {c.hook_names_in[0]} -> "
+                         f"{c.hook_names_out[0]}); export a crosscoder, skip_crosscoder, jumprelu_crosscoder "
+                         "or batchtopk_crosscoder transcoder instead.")
+    return transcoder
+
+
+def _batchtopk_threshold(crosscoder: Crosscoder) -> Tensor:
+    """Per-latent JumpReLU threshold on h equal to our gate relu(h) * dn > T (dn > 0; dn = 0 never fires)."""
+    t = float(crosscoder.threshold)
+    if t < 0:
+        raise ValueError("This batchtopk_crosscoder has no inference threshold yet (it is estimated during "
+                         "training); train it before exporting.")
+    dn = crosscoder.decoder_norms().detach()
+    return torch.where(dn > 0, t / dn.clamp_min(1e-30), torch.full_like(dn, float("inf")))
+
+
+def _export_state(crosscoder: Crosscoder, architecture: str) -> dict[str, Tensor]:
+    state = {"W_enc": crosscoder.W_enc[0], "W_dec": crosscoder.W_dec[:, 0], "b_enc": crosscoder.b_enc,
+             "b_dec": crosscoder.b_dec[0]}
+    if crosscoder.config.architecture == "jumprelu_crosscoder":
+        state["threshold"] = crosscoder.threshold()
+    elif crosscoder.config.architecture == "batchtopk_crosscoder":
+        state["threshold"] = _batchtopk_threshold(crosscoder)
+    if architecture == "skip_transcoder":
+        state["W_skip"] = crosscoder.W_skip.T  # SAELens: [d_out, d_in]
+    return {k: v.detach().to(crosscoder.W_enc.dtype).contiguous().cpu() for k, v in state.items()}
+
+
+def _export_cfg(crosscoder: Crosscoder, architecture: str) -> dict[str, Any]:
+    c = crosscoder.config
+    metadata = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+                "model_name": c.model_name, "hook_name": c.hook_names_in[0], "hook_head_index": None,
+                "context_size": c.context_size, "dataset_path": c.dataset_path,
+                "exported_by": "hf_crosscoder", "hf_crosscoder_architecture": c.architecture,
+                # exact round trip of topk ranking / batchtopk gating through decoder_norms()
+                "activation_scale_in": c.activation_scale_in if c.activation_norm_folded else None,
+                "activation_scale_out": c.activation_scale_out if c.activation_norm_folded else None}
+    cfg = {"architecture": architecture, "d_in": c.d_model, "d_sae": c.d_sae,
+           "dtype": str(crosscoder.W_enc.dtype).removeprefix("torch."), "device": "cpu",
+           "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": metadata}
+    if architecture == "topk":
+        cfg.update(k=c.k, rescale_acts_by_decoder_norm=True)
+    if architecture in _TRANSCODERS:
+        metadata["hook_name_out"] = c.hook_names_out[0]
+        cfg.update(d_out=c.d_model, hook_name_out=c.hook_names_out[0])
+    return cfg
+
+
+def export_to_saelens(crosscoder: Crosscoder, folder: str | Path) -> Path:
+    """Write a one-hook crosscoder as a SAELens SAE / transcoder folder (cfg.json + sae_weights.safetensors)
+    that `sae_lens.SAE.load_from_disk(folder)` reads. Returns the folder."""
+    _check_exportable(crosscoder)
+    architecture = _saelens_architecture(crosscoder)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_export_state(crosscoder, architecture), str(folder / WEIGHTS_FILENAME))
+    (folder / CFG_FILENAME).write_text(json.dumps(_export_cfg(crosscoder, architecture), indent=2))
+    return folder
+
+
+# ----------------------------------------------------------------------------------------- import
+def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    for name in (CFG_FILENAME, WEIGHTS_FILENAME):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} has no {name}: not a SAELens SAE folder (expected {CFG_FILENAME} and "
+                             f"{WEIGHTS_FILENAME}, as written by SAE.save_model).")
+    return json.loads((folder / CFG_FILENAME).read_text()), load_file(str(folder / WEIGHTS_FILENAME))
+
+
+def _field(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
+    """SAELens 6 nests run info in `metadata`; earlier versions kept it at the top level."""
+    metadata = cfg.get("metadata") or {}
+    value = metadata.get(key)
+    return cfg.get(key, default) if value is None else value
+
+
+def _check_importable(cfg: dict[str, Any], architecture: str) -> None:
+    if architecture not in _IMPORT_ARCH:
+        raise ValueError(f"SAELens architecture {architecture!r} has no hf_crosscoder equivalent; importable: "
+                         f"{', '.join(_IMPORT_ARCH)}.")
+    norm = cfg.get("normalize_activations") or "none"
+    if norm != "none":
+        raise ValueError(f"normalize_activations={norm!r}: this SAE rescales its inputs at run time (or needs a "
+                         "norm scaling factor not stored in its folder). Fold it first (SAELens: "
+                         "sae.fold_activation_norm_scaling_factor(factor); sae.save_model(folder)).")
+    if (cfg.get("reshape_activations") or "none") != "none" or _field(cfg, "hook_head_index") is not None:
+        raise ValueError("hook_z / per-head SAEs are not supported: hf_crosscoder hooks read whole "
+                         "residual-width activations.")
+    if _field(cfg, "hook_name") is None and _field(cfg, "hook_point") is None:
+        raise ValueError("cfg.json names no hook (metadata.hook_name); cannot tell what the SAE reads.")
+
+
+def _uniform_decoder_norms(W_dec: Tensor, architecture: str) -> None:
+    norms = W_dec.norm(dim=-1)
+    if not torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-4, atol=0):
+        raise ValueError(f"This {architecture} SAE ranks raw pre-activations (rescale_acts_by_decoder_norm="
+                         "False) and its decoder rows differ in norm; hf_crosscoder ranks relu(h) * decoder "
+                         "norm, so the latents chosen would differ. Only SAEs with rescale_acts_by_decoder_norm"
+                         "=True or unit-norm decoders import exactly.")
+
+
+def _imported_config(cfg: dict[str, Any], architecture: str) -> CrosscoderConfig:
+    hook_in = _field(cfg, "hook_name") or _field(cfg, "hook_point")
+    hook_out = (_field(cfg, "hook_name_out") or hook_in) if architecture in _TRANSCODERS else hook_in
+    d_in, d_out = int(cfg["d_in"]), int(cfg.get("d_out") or cfg["d_in"])
+    if d_out != d_in:
+        raise ValueError(f"d_out={d_out} differs from d_in={d_in}; a crosscoder reads and writes one width "
+                         "(d_model), so this transcoder cannot be imported.")
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 32
+    if float(k) != int(k):
+        raise ValueError(f"k={k} is not a whole number; hf_crosscoder's k counts latents per token.")
+    scale_in, scale_out = _field(cfg, "activation_scale_in"), _field(cfg, "activation_scale_out")
+    return CrosscoderConfig(
+        architecture=_IMPORT_ARCH[architecture], d_model=d_in, d_sae=int(cfg["d_sae"]), k=int(k),
+        hook_names_in=[hook_in], hook_names_out=[hook_out], model_name=_field(cfg, "model_name"),
+        dataset_path=_field(cfg, "dataset_path"), context_size=_field(cfg, "context_size"),
+        activation_scale_in=scale_in, activation_scale_out=scale_out,
+        activation_norm_folded=scale_in is not None and scale_out is not None)
+
+
+def _imported_state(cfg: dict[str, Any], architecture: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    W_enc, W_dec, b_enc, b_dec = state["W_enc"], state["W_dec"], state["b_enc"], state["b_dec"]
+    if "finetuning_scaling_factor" in state:  # older SAELens: features scaled before decoding
+        W_dec = W_dec * state["finetuning_scaling_factor"][:, None]
+    if cfg.get("apply_b_dec_to_input", True) and architecture not in _TRANSCODERS:
+        b_enc = b_enc - b_dec @ W_enc  # (x - b_dec) @ W_enc + b_enc == x @ W_enc + b_enc'
+    out = {"W_enc": W_enc[None], "W_dec": W_dec[:, None], "b_enc": b_enc, "b_dec": b_dec[None]}
+    if architecture in ("jumprelu", "jumprelu_transcoder"):
+        out["theta"] = state["threshold"] if "threshold" in state else state["log_threshold"].exp()
+    if architecture == "skip_transcoder":
+        out["W_skip"] = state["W_skip"].T
+    if architecture == "batchtopk" and "topk_threshold" in state:
+        out["threshold"] = state["topk_threshold"].reshape(())
+    return out
+
+
+def import_from_saelens(folder: str | Path) -> Crosscoder:
+    """A SAELens SAE / transcoder folder (cfg.json + sae_weights.safetensors) as a Crosscoder with the
+    same outputs on raw activations (feature activations of SAELens topk SAEs with
+    rescale_acts_by_decoder_norm come out divided by ||W_dec||, i.e. unscaled)."""
+    cfg, state = _read_folder(Path(folder))
+    architecture = cfg.get("architecture", "standard")
+    _check_importable(cfg, architecture)
+    if architecture in ("topk", "batchtopk") and not cfg.get("rescale_acts_by_decoder_norm", architecture ==
+                                                             "batchtopk"):
+        _uniform_decoder_norms(state["W_dec"], architecture)
+    config = _imported_config(cfg, architecture)
+    weights = _imported_state(cfg, architecture, state)
+    crosscoder = Crosscoder(config)
+    missing = set(crosscoder.state_dict()) - set(weights) - {"threshold"}
+    if missing:
+        raise ValueError(f"sae_weights.safetensors lacks {sorted(missing)} for a {architecture} SAE.")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            target = crosscoder.get_parameter(name) if name != "threshold" else crosscoder.threshold
+            target.copy_(tensor)
+    dtype = state["W_enc"].dtype
+    return crosscoder.to(dtype) if dtype.is_floating_point else crosscoder

@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+from helpers import D_MODEL, make_runner_config
+from transformers import AutoModelForCausalLM
+
+from hf_crosscoder.activations import ActivationsStore, load_model_and_tokenizer, per_process_batch_size
+
+B = 64  # train_batch_size_tokens of make_runner_config (one process)
+
+
+@pytest.fixture
+def cfg(tiny_model_dir, text_dataset_path, tmp_path):
+    def make(**overrides):
+        return make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path), **overrides)
+    return make
+
+
+def _spy_harvest(store, tag=False):
+    """Record (tokens, raw activations, special mask) of every harvest chunk. With `tag`, the served
+    activations are replaced by labels: row r of the harvest stream, hook h -> r + h / 8 everywhere
+    (identical contexts give identical real activations, so values alone cannot tell rows apart)."""
+    records, harvest = [], store._harvester
+
+    class Spy:
+        device = harvest.device
+
+        def __call__(self, tokens):
+            acts, special = harvest(tokens)
+            records.append((tokens.clone(), acts.clone(), special.clone()))
+            if tag:
+                start = sum(len(r[2]) for r in records[:-1])
+                labels = torch.arange(start, start + len(acts))[:, None] + torch.arange(acts.shape[1]) / 8
+                acts = labels[:, :, None].expand_as(acts).contiguous()
+            return acts, special
+    store._harvester = Spy()
+    return records
+
+
+def _served_rows(batches):
+    """Harvest-stream row of each served token; checks every hook of a token comes from that row."""
+    rows = []
+    for acts_in, acts_out in batches:
+        labels = torch.cat([acts_in, acts_out], 1)[:, :, 0]
+        row = labels[:, 0].floor()
+        assert torch.equal(labels, row[:, None] + torch.tensor([0, 1, 2, 3]) / 8)  # in and out: same token
+        rows.append(row.long())
+    return torch.cat(rows)
+
+
+def test_shapes_dtype_and_every_row_served_once(cfg):
+    store = ActivationsStore(cfg(normalize_activations="none"))
+    records = _spy_harvest(store, tag=True)
+    batches = [store.next_batch() for _ in range(12)]
+    for acts_in, acts_out in batches:
+        assert acts_in.shape == (B, 2, D_MODEL) and acts_out.shape == (B, 2, D_MODEL)
+        assert acts_in.dtype == torch.float32 and acts_in.device.type == "cpu"
+    served = _served_rows(batches)
+    special = torch.cat([s for _, _, s in records])
+    # 12 batches = 6 cycles of 2: the first fill (256 rows), 5 refills of half the buffer, < 1 chunk carried
+    assert 256 + 5 * 128 <= int((~special).sum()) < 256 + 5 * 128 + 128
+    assert len(served.unique()) == len(served) == 12 * B  # no row served twice
+    assert not special[served].any()  # BOS rows are never served
+
+
+def test_batches_mix_documents(cfg, tiny_model_and_tokenizer):
+    store = ActivationsStore(cfg(normalize_activations="none"))
+    records = _spy_harvest(store, tag=True)
+    served = _served_rows([store.next_batch()])
+    tokens = torch.cat([t for t, _, _ in records])  # [n_seq, ctx]
+    seq, pos = served // tokens.shape[1], served % tokens.shape[1]
+    bos = tiny_model_and_tokenizer[1].bos_token_id
+    docs = {(int(s), int((tokens[s, :p + 1] == bos).sum())) for s, p in zip(seq, pos)}
+    assert len(set(seq.tolist())) >= 4 and len(docs) >= 10
+    assert not bool((served.diff() > 0).all())  # not in stream order
+
+
+def test_normalization_gives_mean_norm_sqrt_d_model(cfg):
+    store = ActivationsStore(cfg())
+    records = _spy_harvest(store)
+    acts_in, acts_out = zip(*[store.next_batch() for _ in range(4)])
+    norms = torch.cat([torch.cat([a, b], 1) for a, b in zip(acts_in, acts_out)]).norm(dim=-1).mean(0)
+    torch.testing.assert_close(norms, torch.full((4,), math.sqrt(D_MODEL)), rtol=0.05, atol=0)
+    # the scale comes from the first n_batches_for_norm_estimate chunks, BOS positions left out
+    first = torch.cat([a[~s] for _, a, s in records[:2]])
+    expected = math.sqrt(D_MODEL) / first.norm(dim=-1).mean(0)
+    torch.testing.assert_close(torch.cat([store.scale_in, store.scale_out]), expected.float())
+    assert store.scale_in.shape == (2,) and (store.scale_in > 1).all()  # random init: small norms
+
+
+def test_hook_both_input_and_output_is_stored_once(cfg):
+    store = ActivationsStore(cfg(hook_names_in=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
+                                 hook_names_out=["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]))
+    assert store.hook_names == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
+                                "blocks.3.hook_resid_post"]
+    acts_in, acts_out = store.next_batch()
+    assert torch.equal(acts_in[:, 1], acts_out[:, 0])
+    assert torch.equal(store.scale_in[1], store.scale_out[0])
+
+
+def test_tokens_and_activations_from_tokens_for_evals(cfg):
+    store = ActivationsStore(cfg())
+    tokens = store.next_tokens()
+    assert tokens.shape == (4, 32) and tokens.dtype == torch.long
+    acts_in, acts_out, keep = store.activations_from_tokens(tokens)
+    assert acts_in.shape == (128, 2, D_MODEL) and acts_out.shape == (128, 2, D_MODEL)
+    assert keep.dtype == torch.bool and torch.equal(keep, tokens.flatten() != store.tokenizer.bos_token_id)
+
+
+def test_save_load_resumes_the_same_stream(cfg, tmp_path):
+    config = cfg(n_batches_in_buffer=3)  # odd: half the buffer is one batch
+    reference = ActivationsStore(config)
+    expected = [reference.next_batch() for _ in range(9)]
+    first = ActivationsStore(config)
+    for _ in range(4):
+        first.next_batch()
+    first.save(tmp_path / "state")
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [
+        "activations_store.json", "activations_store.safetensors"]
+    resumed = ActivationsStore(config)
+    resumed.load(tmp_path / "state")
+    for want in expected[4:]:
+        got = resumed.next_batch()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    other = ActivationsStore(cfg(train_batch_size_tokens=32))
+    with pytest.raises(ValueError, match="Resume with the same hook names, train_batch_size_tokens"):
+        other.load(tmp_path / "state")
+    with pytest.raises(ValueError, match="cannot read the activations-store state"):
+        other.load(tmp_path / "nowhere")
+
+
+def test_d_model_mismatch_raises_before_weights_load(cfg, monkeypatch):
+    calls = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append(a))
+    config = cfg(d_model=32)
+    with pytest.raises(ValueError, match=rf"d_model=32 does not match the hidden size 64 of {config.model_name}; "
+                                         r"set d_model=64 \(pythia-70m: 512, pythia-160m: 768\)"):
+        ActivationsStore(config)
+    with pytest.raises(ValueError, match="context_size=512 exceeds the 256 positions"):
+        load_model_and_tokenizer(cfg(context_size=512))
+    with pytest.raises(ValueError, match="model_class_name='AutoModelForMagic' is not a transformers"):
+        load_model_and_tokenizer(cfg(model_class_name="AutoModelForMagic"))
+    assert calls == []
+
+
+def test_user_errors_are_clear(cfg, tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    with pytest.raises(ValueError, match="pass tokenizer= too"):
+        ActivationsStore(cfg(), model=model)
+    with pytest.raises(ValueError, match="Unknown hook name 'blocks.1.resid'"):
+        ActivationsStore(cfg(hook_names_in=["blocks.1.resid"]), model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="not divisible by the 3 processes; use a multiple of 3"):
+        per_process_batch_size(64, 3)
+
+
+def test_nan_activations_name_the_hook(cfg, tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    store = ActivationsStore(cfg(), model=model, tokenizer=tokenizer)
+    handle = model.gpt_neox.layers[1].register_forward_hook(lambda m, a, out: torch.full_like(out, math.nan))
+    try:
+        with pytest.raises(ValueError, match=r"hook\(s\) \['blocks.1.hook_resid_post'.*NaN/inf.*dtype='float32'"):
+            store.next_batch()
+    finally:
+        handle.remove()

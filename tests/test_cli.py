@@ -1,0 +1,67 @@
+"""The CLI is the config dataclass: seed flags, --config files and the Python API agree."""
+
+import json
+
+import pytest
+import yaml
+
+from hf_crosscoder import LanguageModelCrosscoderRunnerConfig
+from hf_crosscoder.cli import parse_runner_config
+
+SEED_FLAGS = [
+    "--model_name", "EleutherAI/pythia-70m",
+    "--hook_names_in", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
+    "--hook_names_out", "blocks.3.hook_resid_post", "blocks.4.hook_resid_post",
+    "--d_model", "512",
+    "--d_sae", "4096",
+    "--training_tokens", "10000000",
+    "--output_path", "./my_crosscoder",
+]
+SEED_API = LanguageModelCrosscoderRunnerConfig(
+    model_name="EleutherAI/pythia-70m",
+    hook_names_in=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
+    hook_names_out=["blocks.3.hook_resid_post", "blocks.4.hook_resid_post"],
+    d_model=512,
+    d_sae=4096,
+    training_tokens=10_000_000,
+    output_path="./my_crosscoder",
+)
+
+
+def test_seed_flags_equal_python_api():
+    assert parse_runner_config(SEED_FLAGS) == SEED_API
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_equals_python_api_and_flags_override(tmp_path, suffix):
+    values = {"model_name": "EleutherAI/pythia-70m", "hook_names_in": SEED_API.hook_names_in,
+              "hook_names_out": SEED_API.hook_names_out, "d_model": 512, "d_sae": 4096,
+              "training_tokens": 10_000_000, "output_path": "./my_crosscoder"}
+    path = tmp_path / f"run{suffix}"
+    path.write_text(yaml.safe_dump(values) if suffix == ".yaml" else json.dumps(values))
+    assert parse_runner_config(["--config", str(path)]) == SEED_API
+    overridden = parse_runner_config(["--config", str(path), "--lr", "0.001", "--log_to_wandb", "True"])
+    assert overridden.lr == 0.001 and overridden.log_to_wandb and overridden.d_sae == 4096
+
+
+def test_bad_values_fail_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="valid architectures"):
+        parse_runner_config(SEED_FLAGS + ["--architecture", "nope"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hook_names_in: [a]\nnot_a_field: 3\n")
+    with pytest.raises(ValueError, match="not_a_field"):
+        parse_runner_config(["--config", str(bad)])
+    with pytest.raises(ValueError, match="no such file"):
+        parse_runner_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_every_field_is_a_flag_with_help():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(LanguageModelCrosscoderRunnerConfig)
+    actions = {a.dest: a for a in parser._actions}
+    import dataclasses
+
+    for field in dataclasses.fields(LanguageModelCrosscoderRunnerConfig):
+        assert field.name in actions
+        assert actions[field.name].help, f"--{field.name} has no help text"

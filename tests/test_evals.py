@@ -1,0 +1,79 @@
+"""Evals against a naive recomputation on the same batch."""
+
+import torch
+import torch.nn.functional as F
+from helpers import make_runner_config
+
+from hf_crosscoder import ActivationsStore, Crosscoder
+from hf_crosscoder.evals import evaluate
+from hf_crosscoder.hooks import splice
+
+
+def _setup(tiny_model_dir, text_dataset_path, **overrides):
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, **overrides)
+    torch.manual_seed(0)
+    crosscoder = Crosscoder(cfg.crosscoder_config()).eval()
+    return cfg, crosscoder
+
+
+def test_metrics_match_naive_recomputation(tiny_model_dir, text_dataset_path):
+    cfg, cc = _setup(tiny_model_dir, text_dataset_path)
+    metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
+
+    store = ActivationsStore(cfg, device="cpu")  # same seed: the same eval batch
+    tokens = store.next_tokens()
+    acts_in, acts_out, keep = store.activations_from_tokens(tokens)
+    y = acts_out[keep].double()
+    with torch.no_grad():
+        f = cc.encode(acts_in[keep])
+        r = cc.decode(f).double()
+    for j, hook in enumerate(cfg.hook_names_out):
+        sse = ((y[:, j] - r[:, j]) ** 2).sum()
+        sst = ((y[:, j] - y[:, j].mean(0)) ** 2).sum()
+        assert abs(metrics[f"fvu_normalized/{hook}"] - (sse / sst).item()) < 1e-6
+    sse_all = ((y - r) ** 2).sum()
+    sst_all = ((y - y.mean(0)) ** 2).sum()
+    assert abs(metrics["fvu_normalized"] - (sse_all / sst_all).item()) < 1e-6
+    assert abs(metrics["l0"] - (f > 0).sum(-1).double().mean().item()) < 1e-6
+    density = (f > 0).double().mean(0)
+    assert abs(metrics["dead_fraction"] - (density == 0).double().mean().item()) < 1e-9
+    assert abs(metrics["dense_fraction"] - (density > 0.1).double().mean().item()) < 1e-9
+
+    model = store.model
+    with torch.no_grad():
+        clean = model(tokens).logits
+        ce_clean = F.cross_entropy(clean[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        assert abs(metrics["ce_loss_clean"] - ce_clean.item()) < 1e-4
+        hook = cfg.hook_names_out[0]
+        recon_all = torch.zeros_like(acts_out)
+        recon_all[keep] = cc.decode(f).float()
+        raw = (recon_all[:, 0] / store.scale_out[0]).view(*tokens.shape, -1)
+        mask = keep.view(*tokens.shape, 1)
+        with splice(model, {hook: lambda a: torch.where(mask, raw, a)}):
+            spliced = model(tokens).logits
+        with splice(model, {hook: torch.zeros_like}):
+            zero = model(tokens).logits
+    ce = lambda logits: F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()  # noqa: E731
+    assert abs(metrics[f"ce_loss_spliced/{hook}"] - ce(spliced)) < 1e-4
+    assert abs(metrics[f"ce_loss_zero_ablated/{hook}"] - ce(zero)) < 1e-4
+    score = (ce(zero) - ce(spliced)) / (ce(zero) - ce_clean.item())
+    assert abs(metrics[f"ce_loss_score/{hook}"] - score) < 1e-4
+    kl = F.kl_div(F.log_softmax(spliced[:, :-1], -1), F.log_softmax(clean[:, :-1], -1), log_target=True,
+                  reduction="sum")
+    assert abs(metrics[f"kl_div/{hook}"] - kl.item() / (tokens.shape[0] * (tokens.shape[1] - 1))) < 1e-4
+
+
+def test_perfect_reconstruction_scores_one(tiny_model_dir, text_dataset_path):
+    """A skip crosscoder with identity skip and no latents reconstructs exactly: FVU 0, CE score 1."""
+    hooks = ["blocks.1.hook_resid_post"]
+    cfg, cc = _setup(tiny_model_dir, text_dataset_path, architecture="skip_crosscoder",
+                     hook_names_in=hooks, hook_names_out=hooks)
+    with torch.no_grad():
+        cc.W_dec.zero_()
+        cc.W_skip.copy_(torch.eye(cfg.d_model))
+        cc.b_enc.fill_(-1e6)  # no latent fires
+    metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
+    assert metrics["fvu_normalized"] < 1e-10
+    assert abs(metrics[f"ce_loss_score/{hooks[0]}"] - 1) < 1e-5
+    assert metrics[f"kl_div/{hooks[0]}"] < 1e-6
+    assert metrics["dead_fraction"] == 1.0 and metrics["l0"] == 0

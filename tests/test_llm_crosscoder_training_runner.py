@@ -1,0 +1,166 @@
+"""End to end on a tiny random GPT-NeoX: train, evaluate, save, reload, resume, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import make_runner_config
+from safetensors.torch import load_file
+
+from hf_crosscoder import Crosscoder, LanguageModelCrosscoderTrainingRunner
+from hf_crosscoder.activations import ActivationsStore
+
+ARCHS = ["crosscoder", "skip_crosscoder", "jumprelu_crosscoder", "topk_crosscoder", "batchtopk_crosscoder"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trains_evaluates_saves_and_reloads(arch, tiny_model_dir, text_dataset_path, tmp_path):
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, architecture=arch, k=8,
+                             training_tokens=64 * 60, wandb_log_frequency=5, eval_every_n_wandb_logs=6,
+                             lr=3e-3, l1_coefficient=0.05, output_path=str(tmp_path / "out"))
+    crosscoder = LanguageModelCrosscoderTrainingRunner(cfg).run()
+    out = tmp_path / "out"
+    for name in ("config.json", "model.safetensors", "README.md", "runner_config.json", "metrics.json",
+                 "training_log.jsonl", "eval_log.jsonl"):
+        assert (out / name).exists(), name
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert log[-1]["losses/mse"] < log[0]["losses/mse"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for hook in cfg.hook_names_out:
+        assert 0 <= metrics[f"fvu_normalized/{hook}"] < 1.5
+        assert math.isfinite(metrics[f"ce_loss_score/{hook}"])
+        assert metrics[f"kl_div/{hook}"] >= 0
+    assert metrics["l0"] > 0 and 0 <= metrics["dead_fraction"] <= 1
+
+    # the saved model works on raw activations, like the returned one
+    reloaded = Crosscoder.from_pretrained(out).eval()
+    assert type(reloaded) is type(crosscoder) and reloaded.config.activation_norm_folded
+    raw_cfg = make_runner_config(tiny_model_dir, text_dataset_path, normalize_activations="none")
+    store = ActivationsStore(raw_cfg, device="cpu")
+    acts_in, _ = store.next_batch()
+    torch.testing.assert_close(reloaded(acts_in).reconstruction, crosscoder.eval()(acts_in).reconstruction)
+
+
+def test_folded_model_on_raw_equals_training_model_on_normalized(tiny_model_dir, text_dataset_path, tmp_path):
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "o"),
+                             n_checkpoints=1)
+    folded = LanguageModelCrosscoderTrainingRunner(cfg).run().eval()
+    ckpt = tmp_path / "o" / "checkpoints" / f"step_{cfg.total_training_steps}"
+    normalized = Crosscoder.from_pretrained(ckpt).eval()  # checkpoints hold the training-space model
+    store = ActivationsStore(make_runner_config(tiny_model_dir, text_dataset_path,
+                                                normalize_activations="none"), device="cpu")
+    x, _ = store.next_batch()
+    s_in = torch.tensor(folded.config.activation_scale_in)
+    s_out = torch.tensor(folded.config.activation_scale_out)
+    expected = normalized(x * s_in[:, None]).reconstruction / s_out[:, None]
+    torch.testing.assert_close(folded(x).reconstruction, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_equals_uninterrupted(tiny_model_dir, text_dataset_path, tmp_path):
+    common = dict(architecture="topk_crosscoder", k=8, training_tokens=64 * 16, n_checkpoints=1,
+                  wandb_log_frequency=4, eval_every_n_wandb_logs=2)
+    full = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "a"), **common)
+    LanguageModelCrosscoderTrainingRunner(full).run()
+    half = tmp_path / "a" / "checkpoints" / "step_8"
+    assert half.is_dir()
+    resumed = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "b"),
+                                 resume_from_checkpoint=str(half), **common)
+    LanguageModelCrosscoderTrainingRunner(resumed).run()
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_bad_inputs_fail_before_training(tiny_model_dir, text_dataset_path, tmp_path):
+    with pytest.raises(ValueError, match="d_model=32 does not match"):
+        LanguageModelCrosscoderTrainingRunner(make_runner_config(
+            tiny_model_dir, text_dataset_path, d_model=32, output_path=str(tmp_path / "x"))).run()
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        make_runner_config(tiny_model_dir, text_dataset_path, training_tokens=10)
+    with pytest.raises(ValueError, match="valid architectures"):
+        make_runner_config(tiny_model_dir, text_dataset_path, architecture="sae")
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        LanguageModelCrosscoderTrainingRunner(make_runner_config(
+            tiny_model_dir, text_dataset_path, resume_from_checkpoint="latest",
+            output_path=str(tmp_path / "y"))).run()
+    broken = tmp_path / "broken" / "step_3"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="missing or incomplete"):
+        LanguageModelCrosscoderTrainingRunner(make_runner_config(
+            tiny_model_dir, text_dataset_path, resume_from_checkpoint=str(broken),
+            output_path=str(tmp_path / "z"))).run()
+
+
+def test_existing_output_is_never_overwritten(tiny_model_dir, text_dataset_path, tmp_path):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "model.safetensors").write_text("precious")
+    with pytest.raises(ValueError, match="overwrite_output"):
+        LanguageModelCrosscoderTrainingRunner(make_runner_config(
+            tiny_model_dir, text_dataset_path, output_path=str(out))).run()
+    assert (out / "model.safetensors").read_text() == "precious"
+    unwritable = tmp_path / "file"
+    unwritable.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        LanguageModelCrosscoderTrainingRunner(make_runner_config(
+            tiny_model_dir, text_dataset_path, output_path=str(unwritable))).run()
+
+
+def _config_file(cfg, path):
+    import dataclasses
+
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    return path
+
+
+def test_sigterm_writes_checkpoint_that_resumes_to_same_result(tiny_model_dir, text_dataset_path, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = dict(training_tokens=64 * 400, wandb_log_frequency=1, eval_every_n_wandb_logs=10_000)
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "killed"), **common)
+    cmd = [sys.executable, "-m", "hf_crosscoder.llm_crosscoder_training_runner",
+           "--config", str(_config_file(cfg, tmp_path / "run.json"))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    log = tmp_path / "killed" / "training_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Resume with --resume_from_checkpoint" in err
+    checkpoint = max((tmp_path / "killed" / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    assert 3 <= int(checkpoint.name[5:]) < 400
+
+    short = dict(common, training_tokens=64 * (int(checkpoint.name[5:]) + 5))
+    resumed = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "resumed"),
+                                 resume_from_checkpoint=str(checkpoint), **short)
+    LanguageModelCrosscoderTrainingRunner(resumed).run()
+    straight = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "straight"),
+                                  **short)
+    LanguageModelCrosscoderTrainingRunner(straight).run()
+    a = load_file(tmp_path / "resumed" / "model.safetensors")
+    b = load_file(tmp_path / "straight" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wandb_offline_run_logs_metrics(tiny_model_dir, text_dataset_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "w"),
+                             log_to_wandb=True, wandb_log_frequency=5, eval_every_n_wandb_logs=2)
+    LanguageModelCrosscoderTrainingRunner(cfg).run()
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    data = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    for key in (b"losses/mse", b"l0", b"dead_fraction", b"eval/fvu_normalized", b"eval/feature_density_log10"):
+        assert key in data, key

@@ -1,0 +1,69 @@
+"""plots.py: the signature computation, and drawing from whatever files a run folder holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_crosscoder import Crosscoder, CrosscoderConfig
+from hf_crosscoder.plots import (
+    CURVES_FILE,
+    DENSITY_FILE,
+    SIGNATURE_FILE,
+    SPAN_FILE,
+    decoder_norm_shares,
+    draw_all,
+    layer_span,
+    main,
+    read_training_log,
+    signature_order,
+)
+
+pytest.importorskip("matplotlib")
+HOOKS = [f"blocks.{i}.hook_resid_post" for i in range(3)]
+
+
+def small_crosscoder(d_sae: int = 6) -> Crosscoder:
+    torch.manual_seed(0)
+    return Crosscoder(CrosscoderConfig(d_model=4, hook_names_in=HOOKS, hook_names_out=HOOKS, d_sae=d_sae))
+
+
+def test_shares_are_taken_in_normalized_space():
+    cc = small_crosscoder()
+    before = decoder_norm_shares(cc)
+    cc.fold_activation_norm_scaling([1.0, 10.0, 100.0], [1.0, 10.0, 100.0])
+    # folding divides W_dec's blocks by the scales; the shares must not see it
+    torch.testing.assert_close(decoder_norm_shares(cc), before)
+    torch.testing.assert_close(before.sum(1), torch.ones(6))
+
+
+def test_order_and_span():
+    shares = torch.tensor([[0.1, 0.9, 0.0], [0.98, 0.01, 0.01], [0.4, 0.3, 0.3], [0.0, 0.2, 0.8]])
+    assert signature_order(shares).tolist() == [1, 2, 0, 3]  # by main layer, most concentrated first
+    assert layer_span(shares).tolist() == [1, 1, 3, 2]
+
+
+def test_draw_all_from_a_run_folder(tmp_path):
+    cc = small_crosscoder()
+    (tmp_path / "metrics.json").write_text(json.dumps({"feature_density_log10": [-10.0, -2, -1.5, -3, -0.5, -1]}))
+    rows = [{"step": s, "loss": 10 / s, "l0": 3.0, **{f"fvu/{h}": 0.5 for h in HOOKS}} for s in (1, 2, 3)]
+    (tmp_path / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
+    with open(tmp_path / "training_log.jsonl", "a") as f:  # a resumed run logs step 3 again
+        f.write("\n" + json.dumps({**rows[-1], "loss": 1.0}) + "\n")
+    assert [r["step"] for r in read_training_log(tmp_path / "training_log.jsonl")] == [1, 2, 3]
+    assert read_training_log(tmp_path / "training_log.jsonl")[-1]["loss"] == 1.0
+    written = draw_all(tmp_path, cc)
+    assert {p.name for p in written} == {DENSITY_FILE, SIGNATURE_FILE, SPAN_FILE, CURVES_FILE}
+    assert all(p.stat().st_size > 0 for p in written)
+    cc.save_pretrained(tmp_path)  # without a model in memory, the folder's model is loaded
+    assert len(draw_all(tmp_path)) == 4
+
+
+def test_missing_files_are_skipped_with_a_message(tmp_path, capsys):
+    assert draw_all(tmp_path) == []
+    assert main([str(tmp_path)]) == []
+    assert "Nothing to plot yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a directory"):
+        main([str(tmp_path / "missing")])
