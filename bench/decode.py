@@ -30,8 +30,9 @@ B, S, k = args.batch, args.d_sae, args.k
 lat = torch.rand(B, S).topk(k, dim=-1).indices.flatten()
 tok = torch.arange(B).repeat_interleave(k)
 offsets = torch.arange(0, B * k, k)
-results = {}
-for d_out in args.d_out:
+
+
+def passes(d_out: int) -> dict:
     W = torch.randn(S, d_out, requires_grad=True)
     vals = torch.rand(B * k, requires_grad=True)
     dense = torch.zeros(B, S).index_put_((tok, lat), vals.detach()).requires_grad_()
@@ -53,7 +54,10 @@ for d_out in args.d_out:
         W.grad = vals.grad = None
         sparse_decode.apply(vals, W, tok, lat, offsets).backward(g)
 
-    results[d_out] = {name: median_time(fn, args.reps)["median_s"] for name, fn in
-                      [("dense_forward", fwd_dense), ("sparse_forward", fwd_sparse),
-                       ("dense_forward_backward", step_dense), ("sparse_forward_backward", step_sparse)]}
+    return {"dense_forward": fwd_dense, "sparse_forward": fwd_sparse,
+            "dense_forward_backward": step_dense, "sparse_forward_backward": step_sparse}
+
+
+results = {d_out: {name: median_time(fn, args.reps)["median_s"] for name, fn in passes(d_out).items()}
+           for d_out in args.d_out}
 emit({"results": results})

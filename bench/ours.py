@@ -2,7 +2,8 @@
 
 `--mode model`: forward + loss + backward + Adam + zero_grad, the step the peers are timed on.
 `--mode trainer`: CrosscoderTrainer.train_step (adds grad clipping, the lr schedule, dead-latent tracking).
-`--memory`: one architecture, reports this process's peak RSS and its RSS before the model existed."""
+Always reports this process's peak RSS and its RSS before the first model existed (run one architecture
+per process to read one step's memory)."""
 
 import argparse
 import os
@@ -28,7 +29,6 @@ p.add_argument("--archs", default=",".join(ARCHS))
 p.add_argument("--mode", choices=["model", "trainer"], default="model")
 p.add_argument("--impl", choices=["shipped", "proto"], default=os.environ.get("BENCH_IMPL", "shipped"))
 p.add_argument("--peak", action="store_true", help="also time the fp32 matmul peak in this process")
-p.add_argument("--memory", action="store_true")
 args = p.parse_args()
 setup()
 x = load_acts(args.acts)
@@ -56,27 +56,30 @@ if args.peak:
     t = median_time(lambda: torch.mm(a, b, out=out), max(args.reps, 5))
     result["matmul_peak_flops"] = 2 * 4096 * 512 * 16384 / t["median_s"]
     del a, b, out
-for arch in args.archs.split(","):
+
+
+def make_step(arch: str):
     hyper = dict(architecture=arch, d_model=d_model, hook_names_in=hooks_in, hook_names_out=hooks_out,
                  d_sae=args.d_sae, k=args.k, l1_coefficient=5.0)
-    dead = torch.zeros(args.d_sae, dtype=torch.bool)
-    if args.mode == "model":
-        model = Crosscoder(CrosscoderConfig(**hyper)).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-        def step():
-            model(x, y, dead_mask=dead).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
+    if args.mode == "trainer":
         cfg = LanguageModelCrosscoderRunnerConfig(**hyper, train_batch_size_tokens=x.shape[0], device="cpu",
                                                   training_tokens=x.shape[0] * 1000)
         trainer = CrosscoderTrainer(cfg, Crosscoder(cfg.crosscoder_config()).train(), Accelerator(cpu=True))
+        return lambda: trainer.train_step(x, y)
+    model = Crosscoder(CrosscoderConfig(**hyper)).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    dead = torch.zeros(args.d_sae, dtype=torch.bool)  # the trainer always passes a mask
 
-        def step():
-            trainer.train_step(x, y)
-    result["results"][arch] = median_time(step, args.reps)
-    step = model = opt = trainer = None
+    def step():
+        model(x, y, dead_mask=dead).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+for arch in args.archs.split(","):
+    result["results"][arch] = median_time(make_step(arch), args.reps)
 result["rss_before_bytes"] = rss_before
 result["peak_rss_bytes"] = peak_rss_bytes()
 emit(result)

@@ -8,10 +8,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import emit, load_acts, median_time, setup  # noqa: E402
-
 import sae_lens  # noqa: E402
 from sae_lens.saes.sae import TrainStepInput  # noqa: E402
+from timing import emit, load_acts, median_time, setup  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("acts")
@@ -30,22 +29,22 @@ ARCHS = {  # our architecture name -> (SAELens training classes, extra config, c
     "batchtopk": (sae_lens.BatchTopKTrainingSAE, sae_lens.BatchTopKTrainingSAEConfig, {"k": args.k}, {}),
     "jumprelu": (sae_lens.JumpReLUTrainingSAE, sae_lens.JumpReLUTrainingSAEConfig, {"l0_coefficient": 1.0}, {"l0": 1.0}),
 }
-results = {}
-for name in args.archs.split(","):
+
+
+def make_step(name: str):
     cls, cfg_cls, extra, coefficients = ARCHS[name]
-    sae = cls(cfg_cls(d_in=d_in, d_sae=args.d_sae, dtype="float32", device="cpu", **extra))
-    sae.train()
+    sae = cls(cfg_cls(d_in=d_in, d_sae=args.d_sae, dtype="float32", device="cpu", **extra)).train()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    dead = torch.zeros(args.d_sae, dtype=torch.bool)  # their trainer always passes a mask
+    step_input = TrainStepInput(sae_in=x, coefficients=coefficients, is_logging_step=False, n_training_steps=0,
+                                dead_neuron_mask=torch.zeros(args.d_sae, dtype=torch.bool))  # as their trainer
 
     def step():
-        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients,
-                                                       dead_neuron_mask=dead, n_training_steps=0,
-                                                       is_logging_step=False))
-        out.loss.backward()
+        sae.training_forward_pass(step_input).loss.backward()
         opt.step()
         opt.zero_grad()
 
-    results[name] = median_time(step, args.reps)
-    del sae, opt
+    return step
+
+
+results = {name: median_time(make_step(name), args.reps) for name in args.archs.split(",")}
 emit({"library": f"sae-lens {sae_lens.__version__}", "results": results})

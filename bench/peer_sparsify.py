@@ -9,9 +9,8 @@ from importlib.metadata import version
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import emit, load_acts, median_time, setup  # noqa: E402
-
 from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
+from timing import emit, load_acts, median_time, setup  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("acts")

@@ -4,6 +4,8 @@ and fresh allocations; see BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -253,53 +255,53 @@ def _core_jumprelu(self, x, dn, dead_mask):
 
 
 def _core_topk(self, x, dn, dead_mask):
+    """TopK / BatchTopK: rank relu(h) * dn (h and the scores live in reused buffers, no grad), gather the
+    selected pre-activations with a sparse backward, decode with embedding_bag. BatchTopK at inference
+    (threshold set) is a dense JumpReLU gate instead."""
     c = self.config
     batch, d_sae = x.shape[0], c.d_sae
-    ws = _ws(self)
-    W_enc = self.W_enc.flatten(0, 1)
-    gate = getattr(self, "_inference_gate", lambda: False)()
-    with torch.no_grad():
-        h = torch.addmm(self.b_enc, x, W_enc, out=ws.get("h", (batch, d_sae), x))
-        if gate:  # BatchTopK at inference: a JumpReLU gate on the decoder-scaled activation
-            scores = ws.get("scores", (batch, d_sae), x)
-            r = F.relu(h)
-            acts = r * (torch.mul(r, dn, out=scores) > self.threshold)
-            enc = M._Encoded(acts=acts, pre_acts=None)
-            enc.counts = _fire_counts(acts, scores)
-            return enc, torch.addmm(self.b_dec.flatten(), acts, self.W_dec.flatten(1)), {"sparsity": h.new_zeros(())}
-        scores = torch.mul(h, dn.detach(), out=ws.get("scores", (batch, d_sae), x))
-        offsets = None
-        if self.architecture_name == "batchtopk_crosscoder":
-            flat, kept = _select_batch_topk(scores, min(c.k * batch, scores.numel()))
-            if self.training:
-                self._update_threshold(kept)
-            tok, lat = flat // d_sae, flat % d_sae
-            offsets = torch.searchsorted(tok, torch.arange(batch, device=x.device))
-        else:
-            idx = _select_topk(scores, c.k)
-            lat = idx.flatten()
-            tok = torch.arange(batch, device=x.device).repeat_interleave(c.k)
-        n_main = lat.numel()
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        k_aux = min(c.k_aux, n_dead)
-        if k_aux > 0:
-            aux_idx = _select_topk(scores.masked_fill_(~dead_mask, -1.0), k_aux)
-            lat = torch.cat([lat, aux_idx.flatten()])
-            tok = torch.cat([tok, torch.arange(batch, device=x.device).repeat_interleave(k_aux)])
-    vals = F.relu(_GatheredPreActs.apply(x, W_enc, self.b_enc, tok, lat, h))
-    main, tok_m, lat_m = vals[:n_main], tok[:n_main], lat[:n_main]
-    acts = torch.zeros((batch, d_sae), dtype=x.dtype, device=x.device).index_put_((tok_m, lat_m), main)
-    if offsets is None:
-        offsets = torch.arange(0, n_main, c.k, device=x.device)
-    W_dec = self.W_dec.flatten(1)
-    recon = _SparseDecode.apply(main, W_dec, tok_m, lat_m, offsets)
-    enc = M._Encoded(acts=acts, pre_acts=None)
-    with torch.no_grad():
-        enc.counts = torch.bincount(lat_m[main > 0], minlength=d_sae)
-    enc.n_dead = n_dead
+    ws, W_enc, dev = _ws(self), self.W_enc.flatten(0, 1), x.device
+    rows = lambda n: torch.arange(batch, device=dev).repeat_interleave(n)  # noqa: E731
+    gate = self.architecture_name == "batchtopk_crosscoder" and not self.training and bool(self.threshold >= 0)
+    scores = ws.get("scores", (batch, d_sae), x)
+    if gate:  # a JumpReLU gate on the decoder-scaled activation; dense, differentiable as usual
+        h = torch.addmm(self.b_enc, x, W_enc)
+        r = F.relu(h)
+        acts = r * (torch.mul(r.detach(), dn.detach(), out=scores) > self.threshold)
+        recon = torch.addmm(self.b_dec.flatten(), acts, self.W_dec.flatten(1))
+        enc = M._Encoded(acts=acts, pre_acts=None)
+        enc.counts = _fire_counts(acts.detach(), ws.get("h", (batch, d_sae), x))
+    else:
+        with torch.no_grad():
+            h = torch.addmm(self.b_enc, x, W_enc, out=ws.get("h", (batch, d_sae), x))
+            torch.mul(h, dn.detach(), out=scores)  # raw h * dn: same winners as relu(h) * dn (losers are 0)
+            if self.architecture_name == "batchtopk_crosscoder":
+                flat, kept = _select_batch_topk(scores, min(c.k * batch, scores.numel()))
+                if self.training:
+                    self._update_threshold(kept)
+                tok, lat = flat // d_sae, flat % d_sae
+                offsets = torch.searchsorted(tok, torch.arange(batch, device=dev))
+            else:
+                lat, tok = _select_topk(scores, c.k).flatten(), rows(c.k)
+                offsets = torch.arange(0, lat.numel(), c.k, device=dev)
+        vals = F.relu(_GatheredPreActs.apply(x, W_enc, self.b_enc, tok, lat, h))
+        acts = torch.zeros((batch, d_sae), dtype=x.dtype, device=dev).index_put_((tok, lat), vals)
+        recon = _SparseDecode.apply(vals, self.W_dec.flatten(1), tok, lat, offsets) + self.b_dec.flatten()
+        enc = M._Encoded(acts=acts, pre_acts=None)
+        with torch.no_grad():
+            enc.counts = torch.bincount(lat[vals > 0], minlength=d_sae)
+    # AuxK selection: the dead latents' top k_aux by the same score (dead ones may be negative: -inf
+    # keeps live latents out; any dead latent picked with a negative score has value 0 either way)
+    enc.n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    k_aux = min(c.k_aux, enc.n_dead)
     if k_aux > 0:
-        enc.aux = (vals[n_main:], tok[n_main:], lat[n_main:], torch.arange(0, batch * k_aux, k_aux, device=x.device))
-    return enc, recon + self.b_dec.flatten(), {"sparsity": x.new_zeros(())}
+        with torch.no_grad():
+            if gate:
+                scores.copy_(h).mul_(dn.detach())
+            lat_a, tok_a = _select_topk(scores.masked_fill_(~dead_mask, -math.inf), k_aux).flatten(), rows(k_aux)
+        pre = h[tok_a, lat_a] if gate else _GatheredPreActs.apply(x, W_enc, self.b_enc, tok_a, lat_a, h)
+        enc.aux = (F.relu(pre), tok_a, lat_a, torch.arange(0, lat_a.numel(), k_aux, device=dev))
+    return enc, recon, {"sparsity": x.new_zeros(())}
 
 
 def _auxk(self, enc, dec_norms, err, dead_mask):
@@ -346,7 +348,6 @@ def install() -> None:
         (M.TopKCrosscoder, "_core", _core_topk),
         (M.TopKCrosscoder, "_auxk", _auxk),
         (M.BatchTopKCrosscoder, "_core", _core_topk),
-        (M.BatchTopKCrosscoder, "_inference_gate", lambda self: not self.training and bool(self.threshold >= 0)),
     ]
     for cls, name, fn in patches:
         _SAVED.setdefault((cls, name), cls.__dict__.get(name))

@@ -1,15 +1,21 @@
 """Data parallelism on CPU (gloo): 2 processes train exactly like 1 process on the same global batches."""
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from accelerate import Accelerator, debug_launcher
-from accelerate.state import AcceleratorState
+from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from safetensors.torch import load_file, save_file
 
 from hf_crosscoder import Crosscoder, LanguageModelCrosscoderRunnerConfig
 from hf_crosscoder.trainer import CrosscoderTrainer
 
+ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 64
 STEPS = 12
 
@@ -45,25 +51,109 @@ def _train(arch: str, accelerator: Accelerator) -> dict:
     return state
 
 
-def _two_process_worker(arch: str, out_file: str) -> None:
-    AcceleratorState._reset_state(True)  # the forked child inherits the parent's single-process state
+ARCHS = ["crosscoder", "topk_crosscoder", "jumprelu_crosscoder"]
+
+
+ARCHS = ["crosscoder", "topk_crosscoder", "jumprelu_crosscoder"]
+
+
+def two_process_worker(out_dir: str) -> None:
+    """Run under `accelerate launch` (fresh processes: forking a pytest process that already has
+    threads can deadlock gloo)."""
     acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     assert acc.num_processes == 2, "the launcher did not start two processes"
-    state = _train(arch, acc)
-    if acc.is_main_process:
-        save_file(state, out_file)
-    acc.wait_for_everyone()
+    for arch in ARCHS:
+        state = _train(arch, acc)
+        if acc.is_main_process:
+            save_file(state, f"{out_dir}/{arch}.safetensors")
+        acc.wait_for_everyone()
 
 
-@pytest.mark.parametrize("arch", ["crosscoder", "topk_crosscoder", "jumprelu_crosscoder"])
-def test_two_processes_equal_one(arch, tmp_path):
-    out = tmp_path / "ddp.safetensors"
-    debug_launcher(_two_process_worker, args=(arch, str(out)), num_processes=2)
-    AcceleratorState._reset_state(True)
+def accelerate_launch(config_file: str, *args: str, timeout: int = 300, cpu: bool = True):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config_file),
+           "--main_process_port", str(port), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if proc.returncode != 0:  # show each rank's own traceback, not only the launcher's summary
+        lines = [ln for ln in proc.stderr.splitlines() if "training:" not in ln]
+        pytest.fail("accelerate launch failed:\n" + "\n".join(lines[-120:]))
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    accelerate_launch("accelerate_configs/cpu_2proc.yaml", "-m", "test_distributed", str(out))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_two_processes_equal_one(arch, two_process_results):
     single = _train(arch, Accelerator(cpu=True))
-    double = load_file(out)
+    double = load_file(two_process_results / f"{arch}.safetensors")
     assert single.keys() == double.keys()
     assert torch.equal(single["steps_since_fired"], double["steps_since_fired"])
     assert single["steps_since_fired"][:6].min() == STEPS
     for key in single:
         torch.testing.assert_close(double[key], single[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+def _runner_config_file(path: Path, cfg) -> str:
+    import dataclasses
+    import json
+
+    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    return str(path)
+
+
+def test_runner_two_processes_one_output_and_exact_resume(tiny_model_dir, text_dataset_path, tmp_path):
+    import json
+
+    from helpers import make_runner_config
+
+    from hf_crosscoder import Crosscoder
+
+    common = dict(training_tokens=64 * 8, n_checkpoints=1, wandb_log_frequency=2, eval_every_n_wandb_logs=2)
+    full = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "full"), **common)
+    accelerate_launch("accelerate_configs/cpu_2proc.yaml", "scripts/train.py",
+                      "--config", _runner_config_file(tmp_path / "full.json", full))
+    out = tmp_path / "full"
+    assert json.loads((out / "metrics.json").read_text())["num_processes"] == 2
+    log_steps = [json.loads(line)["step"] for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert log_steps == [2, 4, 6, 8]  # one process logs, once per log step
+    assert (out / "checkpoints" / "step_4" / "activations_store_1").is_dir()
+    Crosscoder.from_pretrained(out)
+
+    resumed = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "resumed"),
+                                 resume_from_checkpoint=str(out / "checkpoints" / "step_4"), **common)
+    accelerate_launch("accelerate_configs/cpu_2proc.yaml", "scripts/train.py",
+                      "--config", _runner_config_file(tmp_path / "resumed.json", resumed))
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deepspeed_zero2_two_cpu_processes(tiny_model_dir, text_dataset_path, tmp_path):
+    """Slow-ish (DeepSpeed compiles its CPU comm op on first use), but it runs in CI."""
+    import json
+
+    from helpers import make_runner_config
+
+    from hf_crosscoder import Crosscoder
+
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "ds"),
+                             architecture="topk_crosscoder", k=8, training_tokens=64 * 6)
+    accelerate_launch("accelerate_configs/cpu_deepspeed_zero2.yaml", "scripts/train.py",
+                      "--config", _runner_config_file(tmp_path / "ds.json", cfg), timeout=600, cpu=False)
+    metrics = json.loads((tmp_path / "ds" / "metrics.json").read_text())
+    assert metrics["distributed_type"] == "DEEPSPEED" and metrics["num_processes"] == 2
+    loaded = Crosscoder.from_pretrained(tmp_path / "ds")
+    assert loaded.config.architecture == "topk_crosscoder" and loaded.config.activation_norm_folded
+
+
+if __name__ == "__main__":
+    two_process_worker(sys.argv[1])

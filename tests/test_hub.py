@@ -257,8 +257,6 @@ def test_other_model_type_is_refused(tmp_path):
         Crosscoder.from_pretrained(tmp_path)
 
 
-@pytest.mark.xfail(reason="needs the model_type check proposed for CrosscoderConfig.from_dict (config.py); "
-                          "today the error is an unrelated 'hook_names_in must be a non-empty list'", strict=False)
 def test_other_model_type_error_names_model_type(tmp_path):
     GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                   vocab_size=100).save_pretrained(tmp_path)

@@ -45,8 +45,9 @@ def save_checkpoint(root: str | os.PathLike, trainer: CrosscoderTrainer, store) 
     acc.wait_for_everyone()
     acc.save_state(str(tmp / "accelerate"))
     store.save(store_dir(tmp, acc.process_index))
+    state = acc.get_state_dict(trainer.model)  # collective: full tensors under FSDP / ZeRO-3 too
     if acc.is_main_process:
-        trainer.crosscoder.save_pretrained(tmp)
+        trainer.crosscoder.save_pretrained(tmp, state_dict=state)
         save_file(st.tensors(), tmp / "trainer_state.safetensors")
         meta = {**st.scalars(), "num_processes": acc.num_processes, "history": st.history}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
@@ -85,7 +86,7 @@ def load_checkpoint(path: Path, trainer: CrosscoderTrainer, store) -> None:
     acc, st = trainer.accelerator, trainer.state
     try:
         meta = json.loads((path / "trainer_state.json").read_text())
-        tensors = load_file(path / "trainer_state.safetensors", device=str(acc.device))
+        tensors = load_file(path / "trainer_state.safetensors")  # cpu; copied onto the device below
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ValueError(f"Checkpoint {path} is corrupt ({err}); resume from another checkpoint.") from err
     if meta["num_processes"] != acc.num_processes:

@@ -141,6 +141,19 @@ class CrosscoderConfig(PretrainedConfig):
         if self.k_aux is None:
             self.k_aux = min(self.d_sae, max(1, self.n_out * (self.d_model // 2)))  # d_model 1: not 0
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CrosscoderConfig:
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"This config.json has model_type={model_type!r}, not 'crosscoder': it is not a "
+                             "crosscoder. Load it with transformers' Auto classes, or point Crosscoder."
+                             "from_pretrained at a folder or repo written by Crosscoder.save_pretrained.")
+        version = config_dict.get("config_version", 1)
+        if version > CONFIG_VERSION:
+            raise ValueError(f"config_version={version} was written by a newer hf_crosscoder (this one "
+                             f"reads up to {CONFIG_VERSION}); upgrade hf_crosscoder.")
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def n_in(self) -> int:
         return len(self.hook_names_in)

@@ -185,13 +185,29 @@ class TokenStream:
         sep = self.separator
         return [[sep, *d] if sep is not None and d and d[0] != sep else d for d in docs]
 
+    def _columns_from(self, start: int) -> Iterator[list[Any]]:
+        """This shard's column values in batches, from its document `start`. A streaming shard is not
+        `.skip()`ped: after split_dataset_by_node, IterableDataset.skip counts the examples of the whole
+        dataset when its shards do not divide among the processes, so a resumed process would land on
+        another position (and other processes' documents). It reads past them instead."""
+        if start and isinstance(self.dataset, Dataset):
+            yield from (b[self.column] for b in self.dataset.skip(start).iter(DOCS_PER_TOKENIZER_CALL))
+            return
+        for batch in self.dataset.iter(DOCS_PER_TOKENIZER_CALL):
+            values = batch[self.column]
+            if start >= len(values):
+                start -= len(values)
+                continue
+            yield values[start:]
+            start = 0
+
     def _documents(self) -> Iterator[tuple[int, int, list[int], int]]:
         """(epoch, doc_index, tokens, first unconsumed token) of non-empty documents, from the position."""
         epoch, start, offset = self.epoch, self.doc_index, self.offset
         while self.max_epochs is None or epoch < self.max_epochs:
             index, found = start, False
-            for batch in (self.dataset.skip(start) if start else self.dataset).iter(DOCS_PER_TOKENIZER_CALL):
-                for tokens in self._tokenize(batch[self.column]):
+            for values in self._columns_from(start):
+                for tokens in self._tokenize(values):
                     if len(tokens) > offset:
                         found = True
                         yield epoch, index, tokens, offset

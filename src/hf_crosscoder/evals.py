@@ -10,6 +10,7 @@ are reported as "n/a".
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,9 +54,7 @@ def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None) ->
     crosscoder.eval()
     sums = _Sums(cfg.n_out, cfg.d_model, cfg.d_sae, crosscoder.W_dec.device)
     causal = is_causal_lm(store.model)
-    for _ in range(n_batches):
-        tokens = store.next_tokens()
-        acts_in, acts_out, keep = store.activations_from_tokens(tokens)
+    for tokens, acts_in, acts_out, keep in _eval_batches(store, n_batches):
         out = crosscoder(acts_in[keep], acts_out[keep])
         _accumulate_reconstruction(sums, out, acts_out[keep])
         if causal:
@@ -67,6 +66,18 @@ def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None) ->
             t.copy_(accelerator.reduce(t, "sum"))
     crosscoder.train(was_training)
     return _finish(sums, cfg.hook_names_out, causal)
+
+
+def _eval_batches(store, n_batches: int):
+    """(tokens, acts_in, acts_out, keep) per batch. Training from an activation cache there is no model,
+    so no tokens: the batches come from the store's stream (reconstruction metrics only)."""
+    for _ in range(n_batches):
+        if store.model is None:
+            acts_in, acts_out = store.next_batch()
+            yield None, acts_in, acts_out, torch.ones(acts_in.shape[0], dtype=torch.bool, device=acts_in.device)
+        else:
+            tokens = store.next_tokens()
+            yield tokens, *store.activations_from_tokens(tokens)
 
 
 def _accumulate_reconstruction(sums: _Sums, out, y: Tensor) -> None:

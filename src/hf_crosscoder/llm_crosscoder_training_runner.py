@@ -25,6 +25,8 @@ from .evals import evaluate, scalar_metrics
 from .modeling import Crosscoder
 from .trainer import CrosscoderTrainer, StopTraining, install_signal_handlers
 
+LOG_FILES = ("training_log.jsonl", "eval_log.jsonl")
+
 __all__ = ["LanguageModelCrosscoderRunnerConfig", "LanguageModelCrosscoderTrainingRunner", "main"]
 
 
@@ -33,7 +35,8 @@ def make_accelerator(cfg: LanguageModelCrosscoderRunnerConfig) -> Accelerator:
     kwargs = dict(step_scheduler_with_optimizer=False, log_with="wandb" if cfg.log_to_wandb else None,
                   mixed_precision="bf16" if cfg.autocast else None)
     if cfg.device == "cpu" or not torch.cuda.is_available():
-        kwargs["cpu"] = True
+        # cpu=True would turn a DeepSpeed launch into plain MULTI_CPU; DeepSpeed picks its CPU backend itself
+        kwargs["cpu"] = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched with several processes: gloo on CPU
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(**kwargs)
@@ -61,6 +64,10 @@ class LanguageModelCrosscoderTrainingRunner:
         if existing and existing != ["checkpoints"] and not (resuming or cfg.overwrite_output):
             raise ValueError(f"output_path {self.output_path} is not empty ({', '.join(sorted(existing)[:5])}); "
                              "choose a new output_path, pass --overwrite_output, or --resume_from_checkpoint latest.")
+        if existing and cfg.overwrite_output and not resuming:  # a fresh run replaces the old logs and plots
+            stale = [*self.output_path.glob("*.png"), *(self.output_path / n for n in LOG_FILES)]
+            for path in stale:
+                path.unlink(missing_ok=True)
         try:
             self.output_path.mkdir(parents=True, exist_ok=True)
             probe = self.output_path / ".write_test"
@@ -79,11 +86,13 @@ class LanguageModelCrosscoderTrainingRunner:
         acc.wait_for_everyone()
         set_seed(cfg.seed)
         store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
-        crosscoder = Crosscoder(cfg.crosscoder_config(activation_scale_in=store.scale_in.tolist(),
-                                                      activation_scale_out=store.scale_out.tolist()))
+        crosscoder = Crosscoder(cfg.crosscoder_config())
         trainer = CrosscoderTrainer(cfg, crosscoder, acc)
-        if resume is not None:
+        if resume is not None:  # before touching the scales: the checkpoint's store holds them
             load_checkpoint(resume, trainer, store)
+        # provenance of the training-space model in checkpoints (estimates the scales if not resumed)
+        crosscoder.config.activation_scale_in = store.scale_in.tolist()
+        crosscoder.config.activation_scale_out = store.scale_out.tolist()
         self._init_logging(acc)
         steps = checkpoint_steps(trainer.total_steps, cfg.n_checkpoints)
         restore_signals = install_signal_handlers(trainer)
@@ -135,9 +144,11 @@ class LanguageModelCrosscoderTrainingRunner:
 
     # ------------------------------------------------------------------ final output
     def _finish(self, trainer: CrosscoderTrainer, store) -> Crosscoder:
-        cfg, acc = self.cfg, trainer.accelerator
+        acc = trainer.accelerator
         metrics = self._eval(trainer, store, trainer.state.step)
-        final = copy.deepcopy(trainer.crosscoder).eval()
+        metrics["num_processes"] = acc.num_processes
+        metrics["distributed_type"] = acc.distributed_type.value
+        final = consolidated_crosscoder(trainer)
         final.fold_activation_norm_scaling(store.scale_in, store.scale_out)
         if acc.is_main_process:
             self._write_outputs(final, metrics)
@@ -156,6 +167,16 @@ class LanguageModelCrosscoderTrainingRunner:
                      command=reproduce_command(cfg))
         if cfg.push_to_hub:
             push_folder_to_hub(out, cfg.hf_repo_id, private=cfg.hub_private)
+
+
+def consolidated_crosscoder(trainer: CrosscoderTrainer) -> Crosscoder:
+    """A plain copy of the trained crosscoder with full tensors, also when FSDP or ZeRO-3 shard them
+    (every process must call this: gathering the state dict is collective)."""
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    config = copy.deepcopy(trainer.crosscoder.config)
+    final = Crosscoder(config).to(trainer.accelerator.device)
+    final.load_state_dict(state)
+    return final.eval()
 
 
 def _draw_plots(out: Path, crosscoder: Crosscoder) -> None:

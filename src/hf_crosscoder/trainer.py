@@ -85,6 +85,10 @@ class CrosscoderTrainer:
         self.total_steps = total_steps or cfg.total_training_steps
         optimizer = torch.optim.Adam(crosscoder.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
+        deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+        if deepspeed is not None:  # no dataloader goes through prepare, so DeepSpeed is told the batch
+            per_process = cfg.train_batch_size_tokens // accelerator.num_processes
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
         self.model, self.optimizer, self.scheduler = accelerator.prepare(crosscoder, optimizer, scheduler)
         d_sae = crosscoder.config.d_sae
         device = accelerator.device
