@@ -19,13 +19,8 @@ p.add_argument("--k", type=int, default=32)
 p.add_argument("--reps", type=int, default=5)
 args = p.parse_args()
 setup()
-from hf_crosscoder import modeling  # noqa: E402
+from hf_crosscoder.modeling import _SparseDecode as sparse_decode  # noqa: E402
 
-sparse_decode = getattr(modeling, "_SparseDecode", None)
-if sparse_decode is None:  # before the fused paths landed in modeling.py
-    import proto
-
-    sparse_decode = proto._SparseDecode
 B, S, k = args.batch, args.d_sae, args.k
 lat = torch.rand(B, S).topk(k, dim=-1).indices.flatten()
 tok = torch.arange(B).repeat_interleave(k)

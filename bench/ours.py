@@ -8,6 +8,7 @@ per process to read one step's memory)."""
 import argparse
 import os
 import sys
+from importlib.metadata import version
 
 import torch
 
@@ -27,7 +28,6 @@ p.add_argument("--k", type=int, default=32)
 p.add_argument("--reps", type=int, default=5)
 p.add_argument("--archs", default=",".join(ARCHS))
 p.add_argument("--mode", choices=["model", "trainer"], default="model")
-p.add_argument("--impl", choices=["shipped", "proto"], default=os.environ.get("BENCH_IMPL", "shipped"))
 p.add_argument("--peak", action="store_true", help="also time the fp32 matmul peak in this process")
 args = p.parse_args()
 setup()
@@ -40,16 +40,12 @@ from hf_crosscoder.config import CrosscoderConfig, LanguageModelCrosscoderRunner
 from hf_crosscoder.modeling import Crosscoder  # noqa: E402
 from hf_crosscoder.trainer import CrosscoderTrainer  # noqa: E402
 
-if args.impl == "proto":
-    import proto
-
-    proto.install()
 rss_before = peak_rss_bytes()  # data loaded, libraries imported, no model yet
 
 d_model = x.shape[1] // args.hooks
 hooks_in = [f"blocks.{i}.hook_resid_post" for i in range(args.hooks)]
 hooks_out = [f"blocks.{i + args.hooks}.hook_resid_post" for i in range(args.hooks)] if args.separate_out else hooks_in
-result = {"library": f"hf_crosscoder ({args.impl})", "mode": args.mode, "results": {}}
+result = {"library": f"hf_crosscoder {version('hf_crosscoder')}", "mode": args.mode, "results": {}}
 if args.peak:
     a, b = torch.randn(4096, 512), torch.randn(512, 16384)
     out = torch.empty(4096, 16384)

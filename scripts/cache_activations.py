@@ -10,33 +10,17 @@
 
 from __future__ import annotations
 
-import sys
-
-import yaml
-from transformers import HfArgumentParser
-
 from hf_crosscoder.cache import CacheActivationsRunner, CacheActivationsRunnerConfig
+from hf_crosscoder.cli import parse_dataclass
 
 
-def parse_config(argv: list[str]) -> CacheActivationsRunnerConfig:
-    """Flags, or `--config file.yaml` whose values become the defaults of the other flags."""
-    parser = HfArgumentParser(CacheActivationsRunnerConfig)
-    parser.add_argument("--config", default=None, help="YAML file of CacheActivationsRunnerConfig fields.")
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        with open(known.config) as f:
-            values = yaml.safe_load(f) or {}
-        unknown = sorted(set(values) - {a.dest for a in parser._actions})
-        if unknown:
-            raise ValueError(f"{known.config}: unknown fields {unknown}; see --help for the valid ones.")
-        parser.set_defaults(**values)
-    cfg, _ = parser.parse_args_into_dataclasses(args=argv)  # the Namespace beside it holds --config
-    return cfg
+def parse_config(argv: list[str] | None = None) -> CacheActivationsRunnerConfig:
+    """Flags, or `--config file.yaml|json` whose values the other flags override."""
+    return parse_dataclass(CacheActivationsRunnerConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    path = CacheActivationsRunner(cfg).run()
+    path = CacheActivationsRunner(parse_config(argv)).run()
     print(f"activation cache written to {path}")
 
 

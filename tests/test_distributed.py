@@ -155,5 +155,13 @@ def test_deepspeed_zero2_two_cpu_processes(tiny_model_dir, text_dataset_path, tm
     assert loaded.config.architecture == "topk_crosscoder" and loaded.config.activation_norm_folded
 
 
+def test_fsdp_on_cpu_is_refused_loudly(monkeypatch):
+    from hf_crosscoder.llm_crosscoder_training_runner import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP needs GPUs"):
+        make_accelerator(_cfg("crosscoder"))
+
+
 if __name__ == "__main__":
     two_process_worker(sys.argv[1])

@@ -34,7 +34,11 @@ def make_accelerator(cfg: LanguageModelCrosscoderRunnerConfig) -> Accelerator:
     # the scheduler counts global steps, so it steps once per optimizer step on every process
     kwargs = dict(step_scheduler_with_optimizer=False, log_with="wandb" if cfg.log_to_wandb else None,
                   mixed_precision="bf16" if cfg.autocast else None)
-    if cfg.device == "cpu" or not torch.cuda.is_available():
+    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false") == "true":
+        raise ValueError("FSDP needs GPUs: on CPU accelerate silently falls back to plain DDP. Launch with "
+                         "accelerate_configs/cpu_2proc.yaml (DDP) or cpu_deepspeed_zero2.yaml instead.")
+    if on_cpu:
         # cpu=True would turn a DeepSpeed launch into plain MULTI_CPU; DeepSpeed picks its CPU backend itself
         kwargs["cpu"] = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched with several processes: gloo on CPU

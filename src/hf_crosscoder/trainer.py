@@ -124,7 +124,9 @@ class CrosscoderTrainer:
     def _track_latents(self, out) -> None:
         acc, st = self.accelerator, self.state
         fired = out.fired
-        counts = (out.feature_acts > 0).sum(0)
+        # the model counts fires where they are cheap (bincount of TopK indices, a matvec for dense);
+        # a [batch, d_sae] comparison here costs as much as a matmul on CPU
+        counts = out.fire_counts if out.fire_counts is not None else (out.feature_acts > 0).sum(0)
         if acc.num_processes > 1:  # dead latents are global: a latent alive anywhere is alive
             fired = acc.reduce(fired.to(torch.float32), "sum") > 0
             counts = acc.reduce(counts, "sum")
