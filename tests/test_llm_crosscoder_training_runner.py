@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -122,7 +123,6 @@ def test_sigterm_writes_checkpoint_that_resumes_to_same_result(tiny_model_dir, t
     import signal
     import subprocess
     import sys
-    import time
 
     common = dict(training_tokens=64 * 400, wandb_log_frequency=1, eval_every_n_wandb_logs=10_000)
     cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "killed"), **common)
@@ -161,6 +161,12 @@ def test_wandb_offline_run_logs_metrics(tiny_model_dir, text_dataset_path, tmp_p
     LanguageModelCrosscoderTrainingRunner(cfg).run()
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    data = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
-    for key in (b"losses/mse", b"l0", b"dead_fraction", b"eval/fvu_normalized", b"eval/feature_density_log10"):
-        assert key in data, key
+    keys = (b"losses/mse", b"l0", b"dead_fraction", b"eval/fvu_normalized", b"eval/feature_density_log10")
+    deadline = time.time() + 60  # wandb's service process may still be flushing the run file
+    while True:
+        data = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+        missing = [key for key in keys if key not in data]
+        if not missing or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing, missing
