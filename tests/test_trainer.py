@@ -106,3 +106,13 @@ def test_stop_request_raises_after_a_full_step():
     with pytest.raises(StopTraining):
         trainer.train(_batches())
     assert trainer.state.step == 1
+
+
+def test_compiled_crosscoder_trains_like_eager():
+    cfg = _cfg(training_tokens=64 * 3)
+    eager = _trainer(cfg)
+    eager.train(_batches())
+    compiled = _trainer(_cfg(training_tokens=64 * 3, compile_crosscoder=True))
+    compiled.train(_batches())
+    for (name, a), b in zip(eager.crosscoder.state_dict().items(), compiled.crosscoder.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

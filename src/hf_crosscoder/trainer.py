@@ -90,6 +90,8 @@ class CrosscoderTrainer:
             per_process = cfg.train_batch_size_tokens // accelerator.num_processes
             deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
         self.model, self.optimizer, self.scheduler = accelerator.prepare(crosscoder, optimizer, scheduler)
+        if cfg.compile_crosscoder:  # unwrap_model sees through the compiled wrapper
+            self.model = torch.compile(self.model)
         d_sae = crosscoder.config.d_sae
         device = accelerator.device
         self.state = TrainerState(steps_since_fired=torch.zeros(d_sae, dtype=torch.long, device=device),
