@@ -6,7 +6,9 @@ dataclass fields (and their help), and the CLI and the Python API cannot drift a
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import TypeVar
@@ -60,3 +62,16 @@ def print_metrics_table(metrics: dict) -> None:
     for key, value in rows:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown}")
+
+
+def reproduce_command(cfg: LanguageModelCrosscoderRunnerConfig) -> str:
+    """The command line that reproduces `cfg`: the hooks, plus every flag that differs from its default."""
+    defaults = LanguageModelCrosscoderRunnerConfig(hook_names_in=cfg.hook_names_in,
+                                                   hook_names_out=cfg.hook_names_out)
+    parts = ["python -m hf_crosscoder.llm_crosscoder_training_runner"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("hook_names_in", "hook_names_out") or value != getattr(defaults, f.name):
+            values = value if isinstance(value, list) else [value]
+            parts.append(" ".join([f"--{f.name}", *(shlex.quote(str(v)) for v in values)]))
+    return " \\\n    ".join(parts)

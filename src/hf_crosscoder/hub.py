@@ -18,10 +18,10 @@ runs that same check when the card is committed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
-import shlex
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -261,22 +261,18 @@ def _eval_section(config: Any, metrics: Mapping[str, Any] | None) -> str:
     return f"{per_hook}\n\n{summary}\n\n{note}"
 
 
-def _command_from_run_config(run_config: Mapping[str, Any]) -> str:
-    parts = ["python", "-m", RUNNER_MODULE]
-    for key, value in run_config.items():
-        if value is None:
-            continue
-        values = value if isinstance(value, (list, tuple)) else [value]
-        parts += [f"--{key}", *(shlex.quote(str(v)) for v in values)]
-    return " ".join(parts)
-
-
-def _command(command: str | None, run_config: Mapping[str, Any] | None) -> str:
+def _command(command: str | None, run_config: Mapping[str, Any] | None, config: Any) -> str:
     if command:
         return command
-    if run_config:
-        return _command_from_run_config(run_config)
-    return "# the training command was not recorded"
+    if not run_config:
+        return "# the training command was not recorded"
+    from .cli import reproduce_command
+    from .config import LanguageModelCrosscoderRunnerConfig
+
+    known = {f.name for f in dataclasses.fields(LanguageModelCrosscoderRunnerConfig)}
+    hooks = {"hook_names_in": config.hook_names_in, "hook_names_out": config.hook_names_out}
+    values = {**hooks, **{k: v for k, v in run_config.items() if k in known}}
+    return reproduce_command(LanguageModelCrosscoderRunnerConfig(**values))
 
 
 def _usage(config: Any, repo_id: str | None, subfolder: str | None) -> str:
@@ -322,7 +318,7 @@ def build_model_card(crosscoder: Any, metrics: Mapping[str, Any] | None = None,
         card_data_for(config, license), template_str=CARD_TEMPLATE,
         title=f"{config.architecture}{on_model}", summary=summary, hooks_table=_hooks_table(config),
         hyper_table=_hyper_table(crosscoder), training_table=_training_table(config, run_config),
-        eval_section=_eval_section(config, metrics), command=_command(command, run_config),
+        eval_section=_eval_section(config, metrics), command=_command(command, run_config, config),
         usage=_usage(config, repo_id, subfolder), plots=list(plots or []))
 
 

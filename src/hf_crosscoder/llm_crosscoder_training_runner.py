@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .activations import ActivationsStore
 from .checkpoints import checkpoint_steps, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .cli import reproduce_command
 from .config import LanguageModelCrosscoderRunnerConfig
 from .evals import evaluate, scalar_metrics
 from .modeling import Crosscoder
@@ -209,19 +210,6 @@ def _for_wandb(metrics: dict) -> dict:
 
             out[key] = wandb.Histogram(value)
     return out
-
-
-def reproduce_command(cfg: LanguageModelCrosscoderRunnerConfig) -> str:
-    """The CLI call that reproduces `cfg` (flags that differ from the defaults)."""
-    defaults = LanguageModelCrosscoderRunnerConfig(hook_names_in=cfg.hook_names_in,
-                                                   hook_names_out=cfg.hook_names_out)
-    parts = ["python -m hf_crosscoder.llm_crosscoder_training_runner"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in ("hook_names_in", "hook_names_out") or value != getattr(defaults, f.name):
-            shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
-            parts.append(f"--{f.name} {shown}")
-    return " \\\n    ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> Crosscoder:
