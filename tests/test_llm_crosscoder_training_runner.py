@@ -170,3 +170,16 @@ def test_wandb_offline_run_logs_metrics(tiny_model_dir, text_dataset_path, tmp_p
             break
         time.sleep(0.5)
     assert not missing, missing
+
+
+def test_resume_with_another_process_count_is_refused(tiny_model_dir, text_dataset_path, tmp_path):
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "a"),
+                             training_tokens=64 * 4, n_checkpoints=1)
+    LanguageModelCrosscoderTrainingRunner(cfg).run()
+    checkpoint = tmp_path / "a" / "checkpoints" / "step_4"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "num_processes": 2}))
+    resumed = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "b"),
+                                 training_tokens=64 * 4, resume_from_checkpoint=str(checkpoint))
+    with pytest.raises(ValueError, match="written by 2 processes"):
+        LanguageModelCrosscoderTrainingRunner(resumed).run()
