@@ -289,8 +289,13 @@ def _rows(batch: int, k: int, device) -> Tensor:
 
 def _fire_counts(f: Tensor, scratch: Tensor) -> Tensor:
     """Tokens on which each latent is active (f > 0): a 0/1 mask written into scratch, summed by a
-    matvec. count_nonzero(dim=0) is ~7x slower on CPU (it widens a bool copy to int64)."""
-    return (f.new_ones(f.shape[0]) @ torch.gt(f, 0, out=scratch)).long()
+    matvec (count_nonzero(dim=0) is ~7x slower on CPU: it widens a bool copy to int64). Under bf16
+    autocast f is bf16: summed in fp32 instead (a bf16 matvec would round counts above 256)."""
+    mask = torch.gt(f, 0, out=scratch)
+    if f.dtype in (torch.float32, torch.float64):
+        with torch.autocast(f.device.type, enabled=False):
+            return (f.new_ones(f.shape[0]) @ mask).long()
+    return mask.sum(0, dtype=torch.float32).long()
 
 
 def _mask_relu_grad_(g: Tensor, f: Tensor) -> Tensor:
@@ -318,9 +323,11 @@ class _ReLUCore(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_f, grad_recon, g_l1):
         x, W_enc, W_dec, dn, f, col_sum = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need, dt = ctx.needs_input_grad, f.dtype  # dt: bf16 when the forward ran under autocast
+        x, W_enc, W_dec = x.to(dt), W_enc.to(dt), W_dec.to(dt)
+        grad_recon = grad_recon.to(dt) if grad_recon is not None else None
         g = ctx.ws.get("grad_h", f)
-        bias = dn * g_l1 if g_l1 is not None else dn.new_zeros(())
+        bias = (dn * g_l1 if g_l1 is not None else dn.new_zeros(())).to(dt)
         if grad_recon is not None:
             torch.addmm(bias.expand(f.shape[1]), grad_recon, W_dec.t(), out=g)
         else:
@@ -367,7 +374,9 @@ class _JumpReLUCore(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_f, grad_recon, g_l0, g_tanh, g_pre, _):
         x, W_enc, t, W_dec, dn_tanh, w, h, f = ctx.saved_tensors
-        eps, c, need = ctx.eps, ctx.c, ctx.needs_input_grad
+        eps, c, need, dt = ctx.eps, ctx.c, ctx.needs_input_grad, h.dtype  # dt: bf16 under autocast
+        x, W_enc, W_dec = x.to(dt), W_enc.to(dt), W_dec.to(dt)
+        grad_recon = grad_recon.to(dt) if grad_recon is not None else None
         g = ctx.ws.get("grad_h", h)  # dL/df, then dL/dh
         if grad_recon is not None:
             torch.mm(grad_recon, W_dec.t(), out=g)
@@ -386,15 +395,15 @@ class _JumpReLUCore(torch.autograd.Function):
                 torch.mul(f_r, cd, out=tmp).tanh_()
                 torch.addcmul(torch.ones((), dtype=h.dtype, device=h.device), tmp, tmp, value=-1, out=tmp)
                 g_r.addcmul_(tmp, cd * g_tanh)
-                grad_dn_tanh += tmp.mul_(f_r).sum(0)
+                grad_dn_tanh += tmp.mul_(f_r).sum(0, dtype=t.dtype)
             kernel = torch.lt(torch.sub(h_r, t, out=tmp).abs_(), eps / 2, out=tmp)
-            k_sum += kernel.sum(0)
-            kg_sum += kernel.mul_(g_r).sum(0)
+            k_sum += kernel.sum(0, dtype=t.dtype)
+            kg_sum += kernel.mul_(g_r).sum(0, dtype=t.dtype)
             _mask_relu_grad_(g_r, f_r)  # H(h - t): f > 0 exactly there
             if pre:  # d relu(t - h) = H(t - h) (dt - dh)
-                grad_w += torch.sub(t, h_r, out=tmp).relu_().sum(0)
+                grad_w += torch.sub(t, h_r, out=tmp).relu_().sum(0, dtype=t.dtype)
                 below = torch.gt(t, h_r, out=tmp)
-                below_sum += below.sum(0)
+                below_sum += below.sum(0, dtype=t.dtype)
                 g_r.addcmul_(below, w * -g_pre)
         grad_t = (k_sum * g_l0 if g_l0 is not None else zero).add_(kg_sum * t).mul_(-1 / eps)
         if pre:
