@@ -126,9 +126,7 @@ class CrosscoderTrainer:
     def _track_latents(self, out) -> None:
         acc, st = self.accelerator, self.state
         fired = out.fired
-        # the model counts fires where they are cheap (bincount of TopK indices, a matvec for dense);
-        # a [batch, d_sae] comparison here costs as much as a matmul on CPU
-        counts = out.fire_counts if out.fire_counts is not None else (out.feature_acts > 0).sum(0)
+        counts = _batch_fire_counts(out)
         if acc.num_processes > 1:  # dead latents are global: a latent alive anywhere is alive
             fired = acc.reduce(fired.to(torch.float32), "sum") > 0
             counts = acc.reduce(counts, "sum")
@@ -180,7 +178,7 @@ class CrosscoderTrainer:
         variance = (y - y.mean(0)).pow(2).sum(-1).mean(0)  # [n_out]
         parts = {k: v.detach().float() for k, v in out.losses.items() if v.dim() == 0}
         values = torch.stack([out.loss.detach().float(), *parts.values(),
-                              (out.feature_acts > 0).sum(-1).float().mean()])
+                              _batch_fire_counts(out).sum().float() / out.feature_acts.shape[0]])
         per_layer = torch.stack([out.losses["mse_per_layer"].float(), variance])
         if acc.num_processes > 1:
             values, per_layer = acc.reduce(values, "mean"), acc.reduce(per_layer, "mean")
@@ -199,6 +197,12 @@ class CrosscoderTrainer:
             st.fire_counts.zero_()
             st.window_tokens = 0
         return metrics
+
+
+def _batch_fire_counts(out) -> Tensor:
+    """[d_sae] tokens of this batch on which each latent fired. The model counts them where they are
+    cheap (bincount of TopK indices, a matvec for dense); a [batch, d_sae] comparison costs a matmul."""
+    return out.fire_counts if out.fire_counts is not None else (out.feature_acts > 0).sum(0)
 
 
 def install_signal_handlers(trainer: CrosscoderTrainer) -> Callable[[], None]:
