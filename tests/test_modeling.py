@@ -25,12 +25,14 @@ N_IN, N_OUT, D_MODEL, D_SAE, BATCH = 2, 3, 4, 10, 6
 ALL = list(ARCHITECTURES)
 
 
-def make(arch: str, seed: int = 0, **kw) -> Crosscoder:
-    """A float64 crosscoder (2 hooks in, 3 out) with every parameter set to non-trivial random values."""
+def make(arch: str, seed: int = 0, d_model: int = D_MODEL, d_sae: int = D_SAE, hooks_out=HOOKS_OUT,
+         **kw) -> Crosscoder:
+    """A float64 crosscoder (2 hooks in, 3 out unless given) with every parameter set to non-trivial random
+    values."""
     kw = {"k": 3, "l1_coefficient": 0.3, "aux_coefficient": 0.5, "k_aux": 4,
           "jumprelu_pre_act_coefficient": 0.7, "jumprelu_bandwidth": 0.5, **kw}
-    cfg = CrosscoderConfig(architecture=arch, d_model=D_MODEL, hook_names_in=HOOKS_IN,
-                           hook_names_out=HOOKS_OUT, d_sae=D_SAE, **kw)
+    cfg = CrosscoderConfig(architecture=arch, d_model=d_model, hook_names_in=HOOKS_IN,
+                           hook_names_out=hooks_out, d_sae=d_sae, **kw)
     torch.manual_seed(seed)
     m = Crosscoder(cfg).double()
     g = torch.Generator().manual_seed(seed + 1)
@@ -42,14 +44,15 @@ def make(arch: str, seed: int = 0, **kw) -> Crosscoder:
         if arch == "skip_crosscoder":
             m.W_skip.copy_(torch.randn(m.W_skip.shape, generator=g, dtype=F64) * 0.2)
         if arch == "jumprelu_crosscoder":  # some negative (used as relu(theta) = 0), most positive
-            m.theta.copy_(torch.rand(D_SAE, generator=g, dtype=F64) * 2.0 - 0.4)
+            m.theta.copy_(torch.rand(d_sae, generator=g, dtype=F64) * 2.0 - 0.4)
     return m
 
 
-def inputs(seed: int = 0, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(seed: int = 0, batch: int = BATCH, d_model: int = D_MODEL, n_out: int = N_OUT
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + seed)
-    x = torch.randn(batch, N_IN, D_MODEL, generator=g, dtype=F64)
-    y = torch.randn(batch, N_OUT, D_MODEL, generator=g, dtype=F64)
+    x = torch.randn(batch, N_IN, d_model, generator=g, dtype=F64)
+    y = torch.randn(batch, n_out, d_model, generator=g, dtype=F64)
     return x, y
 
 
@@ -374,6 +377,212 @@ def test_batchtopk_training_selection_threshold_ema_and_eval_gate():
     close(out.feature_acts, ref["f"])
     assert int((out.feature_acts != 0).sum()) != 2 * BATCH  # a per-token gate, not a batch budget
     close(m.threshold, expected)  # eval does not move the threshold
+
+
+# ------------------------------------------------------------------ bf16 autocast
+# The fused Functions run their dense matmuls in bf16 under autocast and cast the hand-written backward to
+# the forward's compute dtype; fire counts are summed in fp32 (exact above 256). TopK/BatchTopK training
+# ranks, gathers and decodes in fp32 (only the "sum" decoder norms, a matmul, come out bf16-rounded); the
+# BatchTopK inference gate is a dense bf16 path. Each case is compared with fp32 on the same model/inputs.
+AC_BATCH, AC_D_MODEL, AC_D_SAE, AC_HOOKS_OUT = 128, 32, 128, HOOKS_OUT[:2]
+# bandwidth 2 (pre-activations here are ~4): the JumpReLU threshold gradient sums the tokens inside the
+# rectangle kernel, and bf16 h moves a few across its edges; at 0.5 too few tokens are inside (theta cosine
+# 0.987-0.998 over seeds 0-9, 0.9990-0.9998 at 2)
+AC_KW = {"k": 8, "k_aux": 16, "jumprelu_bandwidth": 2.0}
+AC_DEAD = torch.arange(AC_D_SAE) % 3 == 0  # 43 dead latents (> k_aux): AuxK / pre_act run at full weight
+# case: (architecture, config, tolerance family)
+AC_CASES = {
+    "crosscoder": ("crosscoder", {}, "relu"),
+    "skip_crosscoder": ("skip_crosscoder", {}, "relu"),
+    "jumprelu_step_dead": ("jumprelu_crosscoder", {}, "relu"),
+    "jumprelu_tanh_all": ("jumprelu_crosscoder", {"jumprelu_sparsity": "tanh", "jumprelu_pre_act_latents": "all"},
+                          "relu"),
+    "topk_crosscoder": ("topk_crosscoder", {}, "topk"),
+    "batchtopk_train": ("batchtopk_crosscoder", {}, "topk"),
+    "batchtopk_eval_gate": ("batchtopk_crosscoder", {"mode": "eval"}, "gate"),
+}
+# Gradients of the loss and of each term, per parameter (measured at seed 0, seeds 0-9 in brackets): cosine
+# >= 0.9969 [0.9959], |norm ratio - 1| <= 0.015 [0.016]. A zeroed, sign-flipped or 2x-scaled gradient fails.
+AC_MIN_COS, AC_NORM_RTOL = 0.99, 0.05
+# Except the tanh penalty's own gradient: c dn sech^2(c f dn) is carried by tokens with small f, where bf16 h
+# (absolute error ~ 2^-9 of the ~4 it sums) is off by a few percent, times c dn ~ 14 here: cosine >= 0.942,
+# |norm ratio - 1| <= 0.113 [0.847, 0.138]. Its share of the loss gradient is small (that meets the bounds).
+AC_TERM_GRAD_TOL = {("jumprelu_tanh_all", "sparsity"): (0.7, 0.3)}
+# (loss rel. tolerance, loss-term rel. tolerance, flipped activations as a fraction of the fp32 ones).
+# bf16 keeps 8 significant bits (<= 2^-9 ~ 2e-3 relative error per rounding), and a loss or term carries a
+# few roundings (h, decoder norms, a bf16 result), so ~5 roundings: 1e-2. ReLU/JumpReLU activations are
+# continuous at their threshold or jump by theta (<= 1.6, small next to h), so flips are rare and cheap.
+# TopK flips are near-ties: two latents of equal score swap (2 flips, same value). The BatchTopK gate's
+# flips add or drop a whole latent of score ~ the threshold (~20 here): 3e-2. Measured at seed 0 [0-9]:
+# relu loss 3.1e-4 [6.9e-4], terms 4.1e-3 [5.3e-3], flips 0.17% [0.22%]; topk 1.3e-3 [2.9e-3], 2.8e-3
+# [4.6e-3], 0.59% [1.4%]; gate 7.5e-3 [1.0e-2], 9.0e-3 [1.1e-2], 1.2% [1.7%]. Fired masks: equal [equal].
+AC_TOL = {"relu": (1e-2, 1.5e-2, 0.01), "topk": (1e-2, 1.5e-2, 0.05), "gate": (3e-2, 3e-2, 0.05)}
+
+
+def ac_model(arch: str, seed: int = 0, **kw) -> Crosscoder:
+    """An fp32 crosscoder, 2 hooks in and 2 out, d_model 32, d_sae 128, random non-trivial parameters."""
+    return make(arch, seed, d_model=AC_D_MODEL, d_sae=AC_D_SAE, hooks_out=AC_HOOKS_OUT, **{**AC_KW, **kw}).float()
+
+
+def ac_inputs(seed: int = 0, batch: int = AC_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.float() for t in inputs(seed, batch=batch, d_model=AC_D_MODEL, n_out=len(AC_HOOKS_OUT)))
+
+
+def run_step(m: Crosscoder, x, y, dead, bf16: bool):
+    """Forward (under bf16 autocast or not) and backward outside autocast, as the trainer does. Returns the
+    output and {"loss" or a loss term: {parameter name: its gradient}}: each term's own gradients too, so
+    a wrong gradient of a small term (the sparsity through the decoder norms, say) cannot hide in the sum."""
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = m(x, y, dead_mask=dead)
+    names, params = zip(*m.named_parameters())
+    grads = {}
+    for term, value in out.losses.items():
+        if value.requires_grad:
+            gs = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            grads[term] = {n: g for n, g in zip(names, gs) if g is not None}
+    out.loss.backward()
+    grads["loss"] = {n: p.grad.clone() for n, p in zip(names, params) if p.grad is not None}
+    return out, grads
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().to(F64), b.flatten().to(F64)
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def assert_grads_close(grads, ref, min_cos=AC_MIN_COS, norm_rtol=AC_NORM_RTOL, what=""):
+    """The same parameters get a gradient; each finite and, in direction and norm, like the reference (zero
+    exactly where the reference is: the L0 penalty's straight-through gradient reaches theta alone)."""
+    assert set(grads) == set(ref), what
+    for name, g in grads.items():
+        assert g.dtype == ref[name].dtype and torch.isfinite(g).all(), (what, name)
+        if not ref[name].any():
+            assert not g.any(), (what, name)
+            continue
+        cos, ratio = cosine(g, ref[name]), float(g.norm() / ref[name].norm())
+        assert cos >= min_cos and abs(ratio - 1) <= norm_rtol, (what, name, cos, ratio)
+
+
+@pytest.mark.parametrize("case", list(AC_CASES))
+def test_bf16_autocast_matches_fp32(case, one_thread):
+    arch, kw, family = AC_CASES[case]
+    loss_rtol, term_rtol, max_flips = AC_TOL[family]
+    kw = dict(kw)
+    mode = kw.pop("mode", "train")
+    m = ac_model(arch, **kw)
+    x, y = ac_inputs()
+    dead = AC_DEAD
+    if mode == "eval":  # BatchTopK inference: the dense JumpReLU gate at a threshold from one training batch
+        m.train()
+        m(x)
+        m.eval()
+        assert m._gated()
+    out32, grads32 = run_step(m, x, y, dead, bf16=False)
+    out16, grads16 = run_step(m, x, y, dead, bf16=True)
+
+    # the bf16 branches did run: dense paths (ReLU, JumpReLU, the BatchTopK gate) compute in bf16; TopK and
+    # BatchTopK training gather the selected pre-activations in fp32
+    assert out16.feature_acts.dtype == (torch.float32 if family == "topk" else torch.bfloat16)
+    assert out32.feature_acts.dtype == torch.float32
+
+    # losses: finite, the same terms, close to fp32; the AuxK / pre-activation branches ran (non-zero)
+    assert set(out16.losses) == set(out32.losses)
+    assert torch.isfinite(out16.loss) and all(torch.isfinite(v).all() for v in out16.losses.values())
+    rel = abs(out16.loss.item() / out32.loss.item() - 1)
+    assert rel <= loss_rtol, rel
+    for name, ref in out32.losses.items():
+        torch.testing.assert_close(out16.losses[name].float(), ref.float(), rtol=term_rtol, atol=0, msg=name)
+    if arch == "jumprelu_crosscoder":
+        assert out16.losses["pre_act"].item() > 0
+    if arch in ("topk_crosscoder", "batchtopk_crosscoder") and dead is not None:
+        assert out16.losses["aux"].item() > 0
+
+    # gradients of the loss (every parameter gets one) and of each term, close to fp32
+    assert set(grads16) == set(grads32)
+    assert set(grads32["loss"]) == {n for n, _ in m.named_parameters()}
+    assert all(g.any() for g in grads32["loss"].values())
+    for term, ref in grads32.items():
+        assert_grads_close(grads16[term], ref, *AC_TERM_GRAD_TOL.get((case, term), ()), what=term)
+
+    # activations fired: the fire counts are exact counts of this output's non-zero activations, and differ
+    # from fp32 only by the few (token, latent) pairs whose activation flips across a threshold or a tie
+    active16, active32 = out16.feature_acts > 0, out32.feature_acts > 0
+    assert out16.fire_counts.dtype == torch.long
+    assert torch.equal(out16.fire_counts, active16.sum(0))
+    assert torch.equal(out16.fired, active16.any(0))
+    flips = int((active16 != active32).sum())
+    assert flips <= max_flips * int(active32.sum()), flips
+    assert int((out16.fire_counts - out32.fire_counts).abs().sum()) <= flips
+    assert int((out16.fired != out32.fired).sum()) <= 2
+
+    # deterministic (the reused scratch buffers change dtype between the runs), and a backward run inside
+    # autocast too (TopK's sparse matmuls then run in bf16) stays close
+    again, grads_again = run_step(m, x, y, dead, bf16=True)
+    assert torch.equal(again.loss, out16.loss) and torch.equal(again.feature_acts, out16.feature_acts)
+    assert all(torch.equal(grads_again[t][n], g) for t in grads16 for n, g in grads16[t].items())
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x, y, dead_mask=dead).loss.backward()
+    assert_grads_close({n: p.grad for n, p in m.named_parameters() if p.grad is not None}, grads16["loss"],
+                       min_cos=0.999, norm_rtol=0.01)
+
+
+@pytest.mark.parametrize("case", list(AC_CASES))
+def test_bf16_autocast_fire_counts_are_exact_above_256_tokens(case, one_thread):
+    """bf16 holds integers exactly only up to 256: a latent that fires on all 515 tokens must count 515."""
+    arch, kw, _ = AC_CASES[case]
+    kw = dict(kw)
+    mode = kw.pop("mode", "train")
+    m = ac_model(arch, **kw)
+    batch = 515  # 516 in bf16
+    x, _ = ac_inputs(1, batch=batch)
+    with torch.no_grad():
+        m.b_enc[0] = 1e3  # latent 0 fires on every token (and is every token's best TopK score)
+        if arch == "jumprelu_crosscoder":
+            m.theta[0] = 0.5
+    m.train()
+    if mode == "eval":
+        m(x)
+        m.eval()
+        assert m._gated()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert int(out.fire_counts[0]) == batch
+    assert torch.equal(out.fire_counts, (out.feature_acts > 0).sum(0))
+
+
+def test_bf16_autocast_batchtopk_training_steps_update_threshold(one_thread):
+    """Two SGD steps of BatchTopK under autocast, with dead latents (AuxK), against the same steps in fp32:
+    the threshold (first batch: the smallest kept score; then its EMA) and the updated weights agree.
+    Measured: thresholds within 9.5e-4 of fp32, updates' cosine >= 0.9996, norm ratio within 7e-4."""
+    momentum = 0.9
+    models = {bf16: ac_model("batchtopk_crosscoder", batchtopk_threshold_momentum=momentum) for bf16 in (False, True)}
+    start = {n: p.detach().clone() for n, p in models[False].named_parameters()}
+    thresholds = {False: [], True: []}
+    for bf16, m in models.items():
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        assert float(m.threshold) < 0
+        for step in range(2):
+            x, y = ac_inputs(10 + step)
+            out, _ = run_step(m, x, y, AC_DEAD, bf16)
+            assert torch.isfinite(out.loss) and out.losses["aux"].item() > 0
+            assert int(out.fire_counts.sum()) == AC_KW["k"] * AC_BATCH  # every kept score is positive here
+            # the kept scores are relu(h) * dn with dn as this forward computed it (bf16-rounded under autocast)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                dn = m.decoder_norms()
+            smallest = float((out.feature_acts.detach() * dn.float())[out.feature_acts > 0].min())
+            expected = smallest if step == 0 else momentum * thresholds[bf16][-1] + (1 - momentum) * smallest
+            assert math.isclose(float(m.threshold), expected, rel_tol=1e-5), (bf16, step)
+            thresholds[bf16].append(float(m.threshold))
+            opt.step()
+    # bf16-rounded decoder norms (<= 2^-9 relative) scale the kept scores: 1e-2 leaves a margin of 10
+    for t16, t32 in zip(thresholds[True], thresholds[False]):
+        assert math.isclose(t16, t32, rel_tol=1e-2), (t16, t32)
+    # the two steps' updates (lr * summed gradients) agree in direction and size
+    updates = {bf16: {n: p.detach() - start[n] for n, p in m.named_parameters()} for bf16, m in models.items()}
+    assert_grads_close(updates[True], updates[False])
 
 
 # ------------------------------------------------------------------ normalization fold-in

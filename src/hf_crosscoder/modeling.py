@@ -471,6 +471,7 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, vals, W_dec, tok, lat, offsets):
+        vals = vals.to(W_dec.dtype)  # the inference gate's AuxK gathers bf16 pre-activations under autocast
         ctx.save_for_backward(vals, W_dec, tok, lat, offsets)
         return F.embedding_bag(lat, W_dec, offsets, per_sample_weights=vals, mode="sum")
 
