@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 import math
@@ -125,3 +126,30 @@ def test_cli_with_yaml_config_and_overrides(tiny_model_dir, text_dataset_path, t
         script.parse_config(["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(ValueError, match="new_cached_activations_path is required"):
         CacheActivationsRunnerConfig(hook_names_in=["a"], hook_names_out=["b"])
+
+
+def test_cache_and_runner_share_the_harvest_fields():
+    from hf_crosscoder.config import HarvestArgs, LanguageModelCrosscoderRunnerConfig
+
+    shared = {f.name: f for f in dataclasses.fields(HarvestArgs)}
+    for cls in (CacheActivationsRunnerConfig, LanguageModelCrosscoderRunnerConfig):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in shared.items():  # declared once: same default and help in both CLIs
+            assert fields[name].default == f.default and fields[name].metadata == f.metadata, (cls, name)
+    own = [f.name for f in dataclasses.fields(CacheActivationsRunnerConfig) if f.name not in shared]
+    assert own == ["new_cached_activations_path", "shard_size_tokens"]
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"hook_names_out": []}, "hook_names_out must be a non-empty list"),
+    ({"d_model": 0}, "d_model must be a positive"),
+    ({"context_size": 0}, "context_size must be positive"),
+    ({"store_batch_size_prompts": 0}, "store_batch_size_prompts must be positive"),
+    ({"training_tokens": 0}, "training_tokens must be positive"),
+    ({"shard_size_tokens": 0}, "shard_size_tokens must be positive"),
+    ({"dtype": "float33"}, "dtype='float33' is not a torch dtype"),
+])
+def test_bad_cache_config_raises_naming_the_fix(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CacheActivationsRunnerConfig(**{"new_cached_activations_path": "c", "hook_names_in": ["a"],
+                                        "hook_names_out": ["b"], **kw})

@@ -130,6 +130,8 @@ def test_runner_shares_hyper_parameter_names_and_defaults():
     ({"architecture": "topk_crosscoder", "d_sae": 16, "k": 17}, "k=17 must be between 1 and d_sae=16"),
     ({"d_sae": 0}, "d_sae must be a positive"),
     ({"context_size": 0}, "context_size must be positive"),
+    ({"store_batch_size_prompts": 0}, "store_batch_size_prompts must be positive"),
+    ({"dtype": "float33"}, "dtype='float33' is not a torch dtype"),
     ({"n_batches_in_buffer": 1}, "n_batches_in_buffer must be >= 2"),
     ({"normalize_activations": "layer"}, "use one of none, expected_average"),
     ({"lr_scheduler_name": "step"}, "use one of constant, cosineannealing, linear"),

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .activations import ActivationHarvester, load_model_and_tokenizer, mean_norm_stats, torch_dtype
-from .config import arg
+from .config import HarvestArgs, arg
 from .data import TokenStream
 
 logger = logging.getLogger(__name__)
@@ -39,52 +39,23 @@ CACHE_FORMAT_VERSION = 1
 
 
 @dataclass
-class CacheActivationsRunnerConfig:
-    """What `CacheActivationsRunner` harvests; field names are those of the training runner's config."""
+class CacheActivationsRunnerConfig(HarvestArgs):
+    """What `CacheActivationsRunner` harvests: the training runner's model, data and harvesting fields
+    (`HarvestArgs`: same names, defaults and flags) plus where and how the cache is written."""
 
     new_cached_activations_path: str | None = arg(None, "Directory to write the cache to (must be new or "
-                                                  "empty). Train from it with --cached_activations_path.")
-    model_name: str = arg("EleutherAI/pythia-70m", "Hub id or local directory of the transformers model.")
-    model_class_name: str = arg("AutoModelForCausalLM", "transformers Auto class that loads it "
-                                "(AutoModel for encoders such as BERT).")
-    hook_names_in: list[str] = arg([], "Input hooks of the crosscoders to train (their union with "
-                                   "hook_names_out is cached, each hook once).")
-    hook_names_out: list[str] = arg([], "Output hooks of the crosscoders to train.")
-    d_model: int = arg(512, "Width of each hooked activation (the model's hidden size).")
-    dataset_path: str = arg("roneneldan/TinyStories", "datasets name, local file (.txt/.json/.jsonl/"
-                            ".parquet/.arrow) or a save_to_disk directory.")
-    dataset_name: str | None = arg(None, "datasets configuration name, if the dataset has several.")
-    dataset_split: str = arg("train", "Split to read.")
-    streaming: bool = arg(True, "Stream the dataset.")
-    dataset_text_column: str | None = arg(None, "Text column; auto-detected when not given.")
-    is_dataset_tokenized: bool = arg(False, "The dataset holds token ids ('input_ids' or 'tokens').")
-    context_size: int = arg(128, "Tokens per packed sequence.")
-    prepend_bos: bool = arg(True, "Put the tokenizer's BOS (or EOS) token between packed documents.")
-    exclude_special_tokens: bool = arg(True, "Do not write BOS/EOS/PAD positions (training excludes them "
-                                       "by default; set False to keep them in the cache).")
-    store_batch_size_prompts: int = arg(32, "Sequences per model forward.")
-    training_tokens: int = arg(2_000_000, "Activation rows (tokens) to write, across all processes.")
+                                                  "empty); it holds the union of hook_names_in and "
+                                                  "hook_names_out, each hook once. Train from it with "
+                                                  "--cached_activations_path.")
     shard_size_tokens: int = arg(16_384, "Tokens per shard file; memory while writing is about "
                                  "shard_size_tokens * n_hooks * d_model * bytes per value.")
-    dtype: str = arg("float32", "dtype of the model and of the cached activations.")
-    device: str | None = arg(None, "Device; default: the accelerator's.")
-    compile_llm: bool = arg(False, "torch.compile the model's layers.")
-    autocast_lm: bool = arg(False, "bf16 autocast for the model forward (GPU).")
-    seed: int = arg(42, "Random seed.")
 
     def __post_init__(self) -> None:
         if not self.new_cached_activations_path:
             raise ValueError("new_cached_activations_path is required: the directory to write the cache to.")
-        for name in ("hook_names_in", "hook_names_out"):
-            hooks = getattr(self, name)
-            if isinstance(hooks, str) or not hooks:
-                raise ValueError(f"{name} must be a non-empty list of hook names, e.g. "
-                                 f"['blocks.0.hook_resid_post']; got {hooks!r}.")
-        for name in ("d_model", "context_size", "store_batch_size_prompts", "training_tokens",
-                     "shard_size_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
-        torch_dtype(self.dtype)
+        super().__post_init__()
+        if self.shard_size_tokens <= 0:
+            raise ValueError(f"shard_size_tokens must be positive; got {self.shard_size_tokens}.")
 
     @property
     def hook_names(self) -> list[str]:

@@ -2,7 +2,9 @@
 
 `CrosscoderArgs` is the single list of architecture hyper-parameters (name, default, help). The saved
 `CrosscoderConfig` (a `PretrainedConfig`, what goes into config.json) and the runner's dataclass config
-both take their fields and defaults from it, so one flag name means one thing everywhere.
+both take their fields and defaults from it, so one flag name means one thing everywhere. Likewise
+`HarvestArgs` (model, data, harvesting; with `HookArgs`, the hooks both share) is declared once for the
+runner's config and the activation cache's (`cache.CacheActivationsRunnerConfig`).
 """
 
 from __future__ import annotations
@@ -24,16 +26,22 @@ def arg(default: Any = None, help: str = "", **kwargs: Any) -> Any:
 
 
 @dataclass
-class CrosscoderArgs:
-    """Architecture hyper-parameters shared by `CrosscoderConfig` and the training runner's config."""
+class HookArgs:
+    """The hooked activations: what the crosscoder reads and reconstructs is what the harvester captures."""
 
-    architecture: str = arg("crosscoder", "One of: crosscoder, skip_crosscoder, jumprelu_crosscoder, "
-                            "topk_crosscoder, batchtopk_crosscoder.")
     d_model: int = arg(512, "Width of each hooked activation (the model's hidden size; 512 for pythia-70m).")
     hook_names_in: list[str] = arg([], "Hooks the crosscoder reads, e.g. blocks.0.hook_resid_post "
                                    "blocks.1.hook_resid_post (TransformerLens-style names or module paths).")
     hook_names_out: list[str] = arg([], "Hooks the crosscoder reconstructs (same as the inputs: acausal; "
                                     "later layers: causal; any mix).")
+
+
+@dataclass
+class CrosscoderArgs(HookArgs):
+    """Architecture hyper-parameters shared by `CrosscoderConfig` and the training runner's config."""
+
+    architecture: str = arg("crosscoder", "One of: crosscoder, skip_crosscoder, jumprelu_crosscoder, "
+                            "topk_crosscoder, batchtopk_crosscoder.")
     d_sae: int = arg(4096, "Number of latents (dictionary size).")
     l1_coefficient: float = arg(1.0, "Sparsity coefficient: scales the decoder-norm-weighted L1 (ReLU "
                                 "architectures) or the L0/tanh penalty (JumpReLU). Unused by TopK.")
@@ -71,6 +79,17 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(choices)}.")
 
 
+def validate_hook_args(c: Any) -> None:
+    """The `HookArgs` checks (duck-typed): both hook lists given, d_model positive."""
+    for name in ("hook_names_in", "hook_names_out"):
+        hooks = getattr(c, name)
+        if isinstance(hooks, str) or not hooks:
+            raise ValueError(f"{name} must be a non-empty list of hook names, e.g. "
+                             f"['blocks.0.hook_resid_post']; got {hooks!r}.")
+    if c.d_model is None or c.d_model <= 0:
+        raise ValueError(f"d_model must be a positive integer (the model's hidden size); got {c.d_model}.")
+
+
 def validate_crosscoder_args(c: Any) -> None:
     """Raise a ValueError naming the fix for any inconsistent hyper-parameter (duck-typed on `c`)."""
     from .modeling import ARCHITECTURES  # the registry is the single list of valid names
@@ -78,15 +97,11 @@ def validate_crosscoder_args(c: Any) -> None:
     if c.architecture not in ARCHITECTURES:
         raise ValueError(f"Unknown architecture {c.architecture!r}; valid architectures: "
                          f"{', '.join(ARCHITECTURES)}.")
+    validate_hook_args(c)
     for name in ("hook_names_in", "hook_names_out"):
         hooks = getattr(c, name)
-        if isinstance(hooks, str) or not hooks:
-            raise ValueError(f"{name} must be a non-empty list of hook names, e.g. "
-                             f"['blocks.0.hook_resid_post']; got {hooks!r}.")
         if len(set(hooks)) != len(hooks):
             raise ValueError(f"{name} lists a hook twice: {hooks}; list each hook once.")
-    if c.d_model is None or c.d_model <= 0:
-        raise ValueError(f"d_model must be a positive integer (the model's hidden size); got {c.d_model}.")
     if c.d_sae is not None and c.d_sae <= 0:
         raise ValueError(f"d_sae must be a positive number of latents; got {c.d_sae}.")
     if c.architecture in ("topk_crosscoder", "batchtopk_crosscoder"):
@@ -186,23 +201,16 @@ HUB_STRATEGIES = ("end", "checkpoint")
 
 
 @dataclass
-class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs):
-    """Everything one training run needs: the crosscoder's hyper-parameters plus the run's own fields.
+class HarvestArgs(HookArgs):
+    """What the model, the data and the harvester need: shared by the training runner's config and the
+    activation cache's (`CacheActivationsRunnerConfig`), so both take the same flags."""
 
-    Names and defaults follow SAELens where it has them. `train_batch_size_tokens` and `training_tokens`
-    are global: under data parallelism each of N processes trains on 1/N of every batch, so the same
-    config gives the same optimization on 1 or N devices. Validated here (all that can be checked
-    without the model) and again once the model's config is read (d_model). Never mutated by training.
-    """
-
-    d_sae: int | None = arg(None, "Number of latents; default expansion_factor * d_in.")
-    expansion_factor: int | None = arg(None, "d_sae = expansion_factor * d_in when d_sae is not given "
-                                       "(default 4).")
     # --- model ---
     model_name: str = arg("EleutherAI/pythia-70m", "Hub id or local directory of the transformers model.")
     model_class_name: str = arg("AutoModelForCausalLM", "transformers Auto class that loads it "
                                 "(AutoModel for encoders such as BERT).")
-    dtype: str = arg("float32", "dtype of the frozen model (bfloat16 is a GPU option).")
+    dtype: str = arg("float32", "dtype of the frozen model, and of the activations a cache writes "
+                     "(bfloat16 is a GPU option).")
     device: str | None = arg(None, "Device; default: the accelerator's (cuda if present, else cpu).")
     # --- data ---
     dataset_path: str = arg("roneneldan/TinyStories", "datasets name, local file (.txt/.json/.jsonl/"
@@ -215,12 +223,43 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs):
     is_dataset_tokenized: bool = arg(False, "The dataset holds token ids ('input_ids' or 'tokens').")
     context_size: int = arg(128, "Tokens per packed sequence.")
     prepend_bos: bool = arg(True, "Put the tokenizer's BOS (or EOS) token between packed documents.")
-    exclude_special_tokens: bool = arg(True, "Leave BOS/EOS/PAD positions out of training batches "
-                                       "(attention sinks with outsized norms).")
-    # --- activations store ---
-    training_tokens: int = arg(2_000_000, "Total training tokens (global across processes).")
-    train_batch_size_tokens: int = arg(4096, "Tokens per optimizer step (global across processes).")
+    exclude_special_tokens: bool = arg(True, "Leave BOS/EOS/PAD positions (attention sinks with outsized "
+                                       "norms) out of training batches and out of a cache being written "
+                                       "(False keeps them in the cache, flagged is_special).")
+    # --- harvesting ---
+    training_tokens: int = arg(2_000_000, "Total training tokens, or activation rows a cache writes "
+                               "(global across processes).")
     store_batch_size_prompts: int = arg(32, "Sequences per model forward when harvesting (lower on OOM).")
+    compile_llm: bool = arg(False, "torch.compile the frozen model (each layer's forward).")
+    autocast_lm: bool = arg(False, "bf16 autocast for the model forward (GPU).")
+    seed: int = arg(42, "Random seed.")
+
+    def __post_init__(self) -> None:
+        from .activations import torch_dtype  # activations is the one place dtype names are parsed
+
+        validate_hook_args(self)
+        for name in ("context_size", "training_tokens", "store_batch_size_prompts"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
+        torch_dtype(self.dtype)
+
+
+@dataclass
+class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
+    """Everything one training run needs: the crosscoder's hyper-parameters, what to harvest from which
+    model and data, plus the run's own fields.
+
+    Names and defaults follow SAELens where it has them. `train_batch_size_tokens` and `training_tokens`
+    are global: under data parallelism each of N processes trains on 1/N of every batch, so the same
+    config gives the same optimization on 1 or N devices. Validated here (all that can be checked
+    without the model) and again once the model's config is read (d_model). Never mutated by training.
+    """
+
+    d_sae: int | None = arg(None, "Number of latents; default expansion_factor * d_in.")
+    expansion_factor: int | None = arg(None, "d_sae = expansion_factor * d_in when d_sae is not given "
+                                       "(default 4).")
+    # --- activations store ---
+    train_batch_size_tokens: int = arg(4096, "Tokens per optimizer step (global across processes).")
     n_batches_in_buffer: int = arg(20, "Shuffle buffer size in training batches (lower on OOM).")
     normalize_activations: str = arg("expected_average", "'expected_average': scale each hook so its "
                                      "mean norm is sqrt(d_model) (folded into the saved weights); "
@@ -257,10 +296,7 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs):
     overwrite_output: bool = arg(False, "Allow writing into a non-empty output_path.")
     # --- speed ---
     compile_crosscoder: bool = arg(False, "torch.compile the crosscoder's loss.")
-    compile_llm: bool = arg(False, "torch.compile the frozen model.")
     autocast: bool = arg(False, "bf16 autocast for the crosscoder (GPU).")
-    autocast_lm: bool = arg(False, "bf16 autocast for the model forward (GPU).")
-    seed: int = arg(42, "Random seed.")
     # --- hub ---
     hf_repo_id: str | None = arg(None, "Hub repo to publish to, e.g. org/pythia70m-cc.")
     push_to_hub: bool = arg(False, "Publish to hf_repo_id.")
@@ -271,12 +307,12 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs):
         if self.d_sae is None:
             self.d_sae = (self.expansion_factor or 4) * self.d_model * len(self.hook_names_in or [0])
         validate_crosscoder_args(self)
+        super().__post_init__()  # HarvestArgs: the model, data and harvesting fields
         self._validate_run()
 
     def _validate_run(self) -> None:
-        positive = ("context_size", "training_tokens", "train_batch_size_tokens", "store_batch_size_prompts",
-                    "n_batches_in_buffer", "dead_feature_window", "feature_sampling_window",
-                    "wandb_log_frequency", "eval_every_n_wandb_logs")
+        positive = ("train_batch_size_tokens", "n_batches_in_buffer", "dead_feature_window",
+                    "feature_sampling_window", "wandb_log_frequency", "eval_every_n_wandb_logs")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
