@@ -6,6 +6,7 @@ from helpers import D_MODEL, make_runner_config
 from transformers import AutoModelForCausalLM
 
 from hf_crosscoder.activations import ActivationsStore, load_model_and_tokenizer, per_process_batch_size
+from hf_crosscoder.hooks import capture_activations
 
 B = 64  # train_batch_size_tokens of make_runner_config (one process)
 
@@ -18,7 +19,8 @@ def cfg(tiny_model_dir, text_dataset_path, tmp_path):
 
 
 def _spy_harvest(store, tag=False):
-    """Record (tokens, raw activations, special mask) of every harvest chunk. With `tag`, the served
+    """Record (tokens, raw activations, special mask) of every harvest chunk, all positions (the store
+    gets the non-special ones when it drops special tokens, as from the real harvester). With `tag`, the served
     activations are replaced by labels: row r of the harvest stream, hook h -> r + h / 8 everywhere
     (identical contexts give identical real activations, so values alone cannot tell rows apart)."""
     records, harvest = [], store._harvester
@@ -26,14 +28,14 @@ def _spy_harvest(store, tag=False):
     class Spy:
         device = harvest.device
 
-        def __call__(self, tokens):
+        def __call__(self, tokens, drop_special=False):
             acts, special = harvest(tokens)
             records.append((tokens.clone(), acts.clone(), special.clone()))
             if tag:
                 start = sum(len(r[2]) for r in records[:-1])
                 labels = torch.arange(start, start + len(acts))[:, None] + torch.arange(acts.shape[1]) / 8
                 acts = labels[:, :, None].expand_as(acts).contiguous()
-            return acts, special
+            return (acts[~special], special[~special]) if drop_special else (acts, special)
     store._harvester = Spy()
     return records
 
@@ -62,6 +64,42 @@ def test_shapes_dtype_and_every_row_served_once(cfg):
     assert 256 + 5 * 128 <= int((~special).sum()) < 256 + 5 * 128 + 128
     assert len(served.unique()) == len(served) == 12 * B  # no row served twice
     assert not special[served].any()  # BOS rows are never served
+
+
+def _reference_batches(store, tokens, n_batches):
+    """What the store must serve, computed plainly: raw activations of every harvested token row (stacked,
+    special positions masked out if excluded) in one stream, a buffer (re)filled by assignment from that
+    stream, and each batch gathered with all hooks, scaled, then split into inputs and outputs."""
+    cfg, hooks = store.cfg, store.hook_names
+    acts = [torch.stack(list(capture_activations(store.model, hooks, t).values()), 2).flatten(0, 1) for t in tokens]
+    special = [torch.isin(t, store._harvester.special_ids).flatten() for t in tokens]
+    stream = torch.cat([a[~s] if cfg.exclude_special_tokens else a for a, s in zip(acts, special)])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    buffer, used, batches = torch.empty(store.buffer_rows, len(hooks), cfg.d_model), 0, []
+    free, half = torch.arange(store.buffer_rows), cfg.n_batches_in_buffer // 2 * store.batch_size
+    while len(batches) < n_batches:
+        buffer[free] = stream[used:used + len(free)]
+        used += len(free)
+        order = torch.randperm(store.buffer_rows, generator=generator)[:half]
+        for start in range(0, half, store.batch_size):
+            served = buffer[order[start:start + store.batch_size]] * store.estimate_norm_scaling()[:, None]
+            batches.append((served[:, store._in_index], served[:, store._out_index]))
+        free = order.sort().values  # refill what was served
+    return batches[:n_batches]
+
+
+@pytest.mark.parametrize("exclude_special_tokens", [True, False])
+def test_served_batches_equal_a_plain_reference(cfg, exclude_special_tokens):
+    # the store's chunked fill (non-special rows gathered hook by hook, index_copy_ into the free slots,
+    # the rest of a chunk carried to the next fill) and its per-side gathers serve exactly these values;
+    # n_batches_in_buffer=3: refills of 64 rows against chunks of up to 128, so most fills use a carry
+    store = ActivationsStore(cfg(n_batches_in_buffer=3, exclude_special_tokens=exclude_special_tokens))
+    tokens, next_tokens = [], store._tokens.next_batch  # record the token rows; the real harvester runs
+    store._tokens.next_batch = lambda n: tokens.append(next_tokens(n)) or tokens[-1]
+    got = [store.next_batch() for _ in range(10)]
+    want = _reference_batches(store, tokens, len(got))
+    for (got_in, got_out), (want_in, want_out) in zip(got, want):
+        assert torch.equal(got_in, want_in) and torch.equal(got_out, want_out)
 
 
 def test_batches_mix_documents(cfg, tiny_model_and_tokenizer):

@@ -9,8 +9,17 @@
    activations, filled in place. Each cycle refills the slots served last cycle, draws a permutation
    of all slots (torch.Generator seeded with seed + process index) and serves the first half of it,
    so, as in SAELens, every batch mixes fresh rows with rows kept from earlier cycles (many documents).
-   Memory bound: buffer = n_batches_in_buffer * B * n_hooks * d_model * 4 bytes (B = per-process
-   batch), plus at most one harvest chunk (store_batch_size_prompts * context_size rows).
+   Memory: the buffer, n_batches_in_buffer * B * n_hooks * d_model * 4 bytes (B = per-process batch),
+   plus a working set freed between steps. With chunk = store_batch_size_prompts * context_size *
+   n_hooks * d_model * 4 bytes (one harvest as float32; at most one lives at a time, a carry being the
+   unwritten rest of one) and batch = B * (n_in + n_out) * d_model * 4 bytes (a served pair), the
+   working set is at most the largest of
+   - chunk + the LM forward's own transient on one harvest (its hooked outputs are the chunk),
+   - 2 * chunk: the hooked outputs while they are copied, hook by hook, into the float32 chunk,
+   - chunk + batch: a carry and the pair being served;
+   pairs the caller still holds come on top.
+   Rows go from the chunk straight into their slots (index_copy_), pairs are gathered from the buffer
+   directly, and neither the NaN/inf check nor the norm statistics copy a chunk.
 3. normalization: served rows are multiplied by one scalar per hook, s_h = sqrt(d_model) / mean ||a_h||,
    estimated from the first `n_batches_for_norm_estimate` harvest chunks (the ones that fill the
    buffer first, so no harvest is wasted unless the estimate asks for more chunks than the buffer
@@ -25,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +84,21 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def loading_whole() -> Iterator[None]:
+    """Load models unpartitioned under a DeepSpeed ZeRO-3 launch. While one is active, transformers builds
+    every `from_pretrained` model inside `deepspeed.zero.Init` (parameters sharded, empty locally), but
+    the frozen LM is never wrapped by a DeepSpeed engine, so each process needs all of its weights."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_model_and_tokenizer(cfg: Any, device: str | torch.device | None = None) -> tuple[nn.Module, Any]:
     """Frozen model and tokenizer from `cfg.model_name`. The config is read and checked against
     `cfg.d_model` / `cfg.context_size` first, so a mismatch fails before any weights load."""
@@ -82,7 +107,8 @@ def load_model_and_tokenizer(cfg: Any, device: str | torch.device | None = None)
     check_d_model(config, cfg.d_model, cfg.model_name)
     check_context_size(config, cfg.context_size, cfg.model_name)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
-    model = cls.from_pretrained(cfg.model_name, config=config, dtype=dtype)
+    with loading_whole():
+        model = cls.from_pretrained(cfg.model_name, config=config, dtype=dtype)
     if device is not None:
         model.to(device)
     return freeze(model), tokenizer
@@ -100,7 +126,7 @@ class ActivationHarvester:
     stop's exception is raised in eager mode)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, hook_names: Sequence[str], cfg: Any) -> None:
-        self.model, self.hook_names = model, list(hook_names)
+        self.model, self.hook_names = model, list(dict.fromkeys(hook_names))  # each hook captured once
         for name in self.hook_names:
             resolve_hook(model, name)  # unknown names fail here, before any forward
         self.device = model_device(model)
@@ -110,26 +136,40 @@ class ActivationHarvester:
             for layer in find_layers(model)[1]:
                 layer.forward = torch.compile(layer.forward)
 
-    def __call__(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """(activations [b*s, n_hooks, d_model] float32, special-token mask [b*s]) for tokens [b, s]."""
+    def __call__(self, tokens: Tensor, drop_special: bool = False) -> tuple[Tensor, Tensor]:
+        """(activations [m, n_hooks, d_model] float32, special-token mask [m]) for tokens [b, s]: all
+        m = b*s positions, or with `drop_special` only the non-special ones (in order)."""
         tokens = tokens.to(self.device)
+        special = torch.isin(tokens, self.special_ids).flatten()
+        rows = (~special).nonzero().squeeze(1) if drop_special else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             acts = capture_activations(self.model, self.hook_names, tokens, stop_early=True)
-        stacked = torch.stack([acts[name] for name in self.hook_names], dim=2).flatten(0, 1).float()
-        finite = torch.isfinite(stacked).all(dim=2).all(dim=0)
-        if not bool(finite.all()):
-            bad = [name for name, ok in zip(self.hook_names, finite.tolist()) if not ok]
+        self._check_finite(acts)
+        first = acts[self.hook_names[0]]
+        out = torch.empty(len(special) if rows is None else len(rows), len(self.hook_names), first.shape[-1],
+                          dtype=torch.float32, device=self.device)
+        for h, name in enumerate(self.hook_names):
+            # one hook at a time, dropping each captured tensor once copied: no stacked copy of the whole
+            # chunk next to the captured one (at most one hook's rows are gathered extra)
+            flat = acts.pop(name).flatten(0, 1)
+            out[:, h] = flat if rows is None else flat[rows]
+        return out, special if rows is None else special[rows]
+
+    def _check_finite(self, acts: dict[str, Tensor]) -> None:
+        # per hook: isfinite's temporaries are then one hook's size, not the chunk's (torch.isfinite of a
+        # whole float32 chunk allocates ~1.75 chunks)
+        bad = [name for name in self.hook_names if not bool(torch.isfinite(acts[name]).all())]
+        if bad:
             raise ValueError(f"activations of hook(s) {bad} contain NaN/inf (model dtype "
                              f"{next(self.model.parameters()).dtype}); load the model with dtype='float32' "
                              "(and autocast_lm=False).")
-        return stacked, torch.isin(tokens, self.special_ids).flatten()
 
 
 def mean_norm_stats(acts: Tensor, special: Tensor) -> tuple[Tensor, Tensor]:
     """(sum over non-special rows of each hook's L2 norm [n_hooks] float64, number of such rows)."""
-    kept = acts[~special]
-    count = torch.tensor(float(len(kept)), dtype=torch.float64, device=acts.device)
-    return kept.norm(dim=-1).sum(0, dtype=torch.float64), count
+    norms = acts.norm(dim=-1)[~special]  # norms first: masking [m, n_hooks] copies no activations
+    count = torch.tensor(float(len(norms)), dtype=torch.float64, device=acts.device)
+    return norms.sum(0, dtype=torch.float64), count
 
 
 def per_process_batch_size(train_batch_size_tokens: int, num_processes: int) -> int:
@@ -198,12 +238,12 @@ class ActivationsStore:
         """The next raw training rows [m, n_hooks, d_model] on the store's device."""
         if self._cache is not None:
             return self._cache.next_chunk().to(self.device)
-        acts, special = self._harvester(self._tokens.next_batch(self.cfg.store_batch_size_prompts))
+        acts, special = self._harvester(self._tokens.next_batch(self.cfg.store_batch_size_prompts),
+                                        drop_special=self.cfg.exclude_special_tokens)
         if self._stats is not None and self._stats[2] < self.cfg.n_batches_for_norm_estimate:
             sums, count = mean_norm_stats(acts, special)
             self._stats = [self._stats[0] + sums, self._stats[1] + count, self._stats[2] + 1]
-        keep = ~special if self.cfg.exclude_special_tokens else torch.ones_like(special)
-        return acts[keep].to(self.device)
+        return acts.to(self.device)
 
     def _fill(self) -> None:
         """Write the carry, then fresh chunks, into the free slots until none is left."""
@@ -212,12 +252,16 @@ class ActivationsStore:
                                        dtype=torch.float32, device=self.device)
             self._free, self._n_filled = torch.arange(self.buffer_rows, device=self.device), 0
         while self._n_filled < len(self._free):
-            rows, self._carry = (self._carry if self._carry is not None else self._next_chunk()), None
-            take = min(len(rows), len(self._free) - self._n_filled)
-            self._buffer[self._free[self._n_filled:self._n_filled + take]] = rows[:take]
-            self._n_filled += take
-            if take < len(rows):
-                self._carry = rows[take:].clone()  # a copy, so the rest of the chunk can be freed
+            # no local keeps a written chunk alive while the next one is harvested
+            self._carry = self._put(self._carry if self._carry is not None else self._next_chunk())
+
+    def _put(self, rows: Tensor) -> Tensor | None:
+        """Write the leading rows into the next free slots; returns the rows that did not fit, if any."""
+        take = min(len(rows), len(self._free) - self._n_filled)
+        self._buffer.index_copy_(0, self._free[self._n_filled:self._n_filled + take], rows[:take])
+        self._n_filled += take
+        # a view, not a copy: the chunk lives on until its last rows are written (at most one chunk lives)
+        return rows[take:] if take < len(rows) else None
 
     # --- normalization ---
 
@@ -273,10 +317,12 @@ class ActivationsStore:
             half = (self.cfg.n_batches_in_buffer // 2) * self.batch_size
             self._order = torch.randperm(self.buffer_rows, generator=self._generator)[:half].to(self.device)
             self._served = 0
-        index = self._order[self._served:self._served + self.batch_size]
+        index = self._order[self._served:self._served + self.batch_size, None]
         self._served += self.batch_size
-        acts = self._buffer[index].mul_(scale[:, None])  # the gather is a copy: scale it in place
-        return acts[:, self._in_index], acts[:, self._out_index]
+        # gather each side straight from the buffer (no [B, n_hooks, d] copy to split); the gathers are
+        # copies, so they are scaled in place
+        acts_in = self._buffer[index, self._in_index].mul_(scale[self._in_index, None])
+        return acts_in, self._buffer[index, self._out_index].mul_(scale[self._out_index, None])
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         while True:
@@ -301,9 +347,10 @@ class ActivationsStore:
         self._require_model("activations_from_tokens()")
         scale = self.estimate_norm_scaling()
         acts, special = self._harvester(tokens)
-        acts = acts.to(self.device) * scale[:, None]
+        acts = acts.to(self.device)
         keep = ~special if self.cfg.exclude_special_tokens else torch.ones_like(special)
-        return acts[:, self._in_index], acts[:, self._out_index], keep.to(self.device)
+        return (acts[:, self._in_index].mul_(scale[self._in_index, None]),
+                acts[:, self._out_index].mul_(scale[self._out_index, None]), keep.to(self.device))
 
     # --- exact resume ---
 
@@ -311,7 +358,8 @@ class ActivationsStore:
         """Everything that determines the rest of the stream: tensors (the buffer's raw rows, slot
         indices, RNG, scales; the buffer is n_batches_in_buffer * B * n_hooks * d_model * 4 bytes) and
         plain ints/lists (positions). `save()` writes it as safetensors + json."""
-        tensors = {"buffer": self._buffer, "free": self._free, "order": self._order, "carry": self._carry,
+        carry = None if self._carry is None else self._carry.clone()  # a view into a chunk: only its rows
+        tensors = {"buffer": self._buffer, "free": self._free, "order": self._order, "carry": carry,
                    "scale": self._scale, "generator": self._generator.get_state()}
         state: dict[str, Any] = {k: v.detach().cpu() for k, v in tensors.items() if v is not None}
         source = self._cache if self._cache is not None else self._tokens
