@@ -54,9 +54,6 @@ def _train(arch: str, accelerator: Accelerator) -> dict:
 ARCHS = ["crosscoder", "topk_crosscoder", "jumprelu_crosscoder"]
 
 
-ARCHS = ["crosscoder", "topk_crosscoder", "jumprelu_crosscoder"]
-
-
 def two_process_worker(out_dir: str) -> None:
     """Run under `accelerate launch` (fresh processes: forking a pytest process that already has
     threads can deadlock gloo)."""
@@ -137,22 +134,62 @@ def test_runner_two_processes_one_output_and_exact_resume(tiny_model_dir, text_d
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_deepspeed_zero2_two_cpu_processes(tiny_model_dir, text_dataset_path, tmp_path):
-    """Slow-ish (DeepSpeed compiles its CPU comm op on first use), but it runs in CI."""
+def _launch_runner(config_file: str, cfg, out: Path, cpu: bool) -> dict:
+    accelerate_launch(config_file, "scripts/train.py", "--config", _runner_config_file(out.with_suffix(".json"), cfg),
+                      timeout=600, cpu=cpu)
+    return load_file(out / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_model_dir, text_dataset_path, tmp_path_factory):
+    """Final weights of 2-process DDP runner runs, per architecture (computed on first use)."""
+    from helpers import make_runner_config
+
+    runs: dict[str, dict] = {}
+
+    def get(arch: str) -> dict:
+        if arch not in runs:
+            out = tmp_path_factory.mktemp("ddp_runner") / arch
+            cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(out), **_ds_common(arch))
+            runs[arch] = _launch_runner("accelerate_configs/cpu_2proc.yaml", cfg, out, cpu=True)
+        return runs[arch]
+    return get
+
+
+def _ds_common(arch: str) -> dict:
+    # max_grad_norm 0.5 clips in these runs: DeepSpeed must take it from the runner config
+    return dict(architecture=arch, k=8, training_tokens=64 * 8, max_grad_norm=0.5, n_checkpoints=1,
+                wandb_log_frequency=2, eval_every_n_wandb_logs=2)
+
+
+@pytest.mark.parametrize("stage,arch", [(2, "topk_crosscoder"), (3, "topk_crosscoder"), (3, "crosscoder")])
+def test_deepspeed_zero_equals_ddp(stage, arch, ddp_runs, tiny_model_dir, text_dataset_path, tmp_path):
+    """ZeRO-2 (optimizer state and gradients sharded) and ZeRO-3 (parameters sharded too: the frozen LM
+    must still load whole, the final model is gathered) on 2 CPU processes train the same weights as
+    DDP, up to float32 summation order; the output loads with from_pretrained. Slow-ish (DeepSpeed
+    compiles its CPU comm op on first use), but it runs in CI."""
     import json
 
     from helpers import make_runner_config
 
     from hf_crosscoder import Crosscoder
 
-    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "ds"),
-                             architecture="topk_crosscoder", k=8, training_tokens=64 * 6)
-    accelerate_launch("accelerate_configs/cpu_deepspeed_zero2.yaml", "scripts/train.py",
-                      "--config", _runner_config_file(tmp_path / "ds.json", cfg), timeout=600, cpu=False)
-    metrics = json.loads((tmp_path / "ds" / "metrics.json").read_text())
+    config_file = f"accelerate_configs/cpu_deepspeed_zero{stage}.yaml"
+    out = tmp_path / "ds"
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(out), **_ds_common(arch))
+    weights = _launch_runner(config_file, cfg, out, cpu=False)
+    reference = ddp_runs(arch)
+    for key in reference:
+        torch.testing.assert_close(weights[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["distributed_type"] == "DEEPSPEED" and metrics["num_processes"] == 2
-    loaded = Crosscoder.from_pretrained(tmp_path / "ds")
-    assert loaded.config.architecture == "topk_crosscoder" and loaded.config.activation_norm_folded
+    loaded = Crosscoder.from_pretrained(out)
+    assert loaded.config.architecture == arch and loaded.config.activation_norm_folded
+    if stage == 3 and arch == "topk_crosscoder":  # sharded optimizer/parameter state resumes exactly
+        resumed = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "resumed"),
+                                     resume_from_checkpoint=str(out / "checkpoints" / "step_4"), **_ds_common(arch))
+        again = _launch_runner(config_file, resumed, tmp_path / "resumed", cpu=False)
+        assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
 def test_fsdp_on_cpu_is_refused_loudly(monkeypatch):
@@ -161,6 +198,21 @@ def test_fsdp_on_cpu_is_refused_loudly(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="FSDP needs GPUs"):
         make_accelerator(_cfg("crosscoder"))
+
+
+def test_launch_that_did_not_set_up_its_processes_is_refused(monkeypatch):
+    """E.g. a GPU-only accelerate config on a CPU machine: each launched process would train alone."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    import hf_crosscoder.llm_crosscoder_training_runner as runner
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(runner, "Accelerator",
+                        lambda **kw: SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
+    with pytest.raises(ValueError, match="2 processes were launched but accelerate set up 1"):
+        runner.make_accelerator(_cfg("crosscoder"))
 
 
 if __name__ == "__main__":

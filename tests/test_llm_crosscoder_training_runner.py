@@ -172,7 +172,7 @@ def test_wandb_offline_run_logs_metrics(tiny_model_dir, text_dataset_path, tmp_p
     assert not missing, missing
 
 
-def test_resume_with_another_process_count_is_refused(tiny_model_dir, text_dataset_path, tmp_path):
+def test_resume_with_another_process_count_is_refused(tiny_model_dir, text_dataset_path, tmp_path, monkeypatch):
     cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "a"),
                              training_tokens=64 * 4, n_checkpoints=1)
     LanguageModelCrosscoderTrainingRunner(cfg).run()
@@ -181,5 +181,25 @@ def test_resume_with_another_process_count_is_refused(tiny_model_dir, text_datas
     (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "num_processes": 2}))
     resumed = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "b"),
                                  training_tokens=64 * 4, resume_from_checkpoint=str(checkpoint))
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the language model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr("hf_crosscoder.llm_crosscoder_training_runner.ActivationsStore", no_store)
     with pytest.raises(ValueError, match="written by 2 processes"):
         LanguageModelCrosscoderTrainingRunner(resumed).run()
+
+
+def test_resume_into_same_output_logs_each_step_once(tiny_model_dir, text_dataset_path, tmp_path):
+    common = dict(output_path=str(tmp_path / "run"), training_tokens=64 * 8, n_checkpoints=1,
+                  wandb_log_frequency=1, eval_every_n_wandb_logs=2)
+    LanguageModelCrosscoderTrainingRunner(make_runner_config(tiny_model_dir, text_dataset_path, **common)).run()
+    first = load_file(tmp_path / "run" / "model.safetensors")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
+    LanguageModelCrosscoderTrainingRunner(make_runner_config(
+        tiny_model_dir, text_dataset_path, resume_from_checkpoint=str(checkpoint), **common)).run()
+    for name, steps in (("training_log.jsonl", list(range(1, 9))), ("eval_log.jsonl", [2, 4, 6, 8])):
+        logged = [json.loads(row)["step"] for row in (tmp_path / "run" / name).read_text().splitlines()]
+        assert logged == steps, name
+    again = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)

@@ -46,6 +46,7 @@ def save_checkpoint(root: str | os.PathLike, trainer: CrosscoderTrainer, store) 
     acc.save_state(str(tmp / "accelerate"))
     store.save(store_dir(tmp, acc.process_index))
     state = acc.get_state_dict(trainer.model)  # collective: full tensors under FSDP / ZeRO-3 too
+    acc.wait_for_everyone()  # every process's files are in tmp before the main process renames it
     if acc.is_main_process:
         trainer.crosscoder.save_pretrained(tmp, state_dict=state)
         save_file(st.tensors(), tmp / "trainer_state.safetensors")
@@ -81,18 +82,28 @@ def resolve_checkpoint(resume: str | None, root: str | os.PathLike) -> Path | No
     return path
 
 
+def read_checkpoint_meta(path: Path, num_processes: int) -> dict:
+    """The checkpoint's counters, refused if it was written by another number of processes (checked
+    before the language model loads)."""
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Checkpoint {path} is corrupt ({err}); resume from another checkpoint.") from err
+    if meta.get("num_processes") != num_processes:
+        raise ValueError(f"Checkpoint {path} was written by {meta.get('num_processes')} processes but this run "
+                         f"has {num_processes}; resume with --num_processes {meta.get('num_processes')} (the "
+                         "optimizer and data-position state is per process).")
+    return meta
+
+
 def load_checkpoint(path: Path, trainer: CrosscoderTrainer, store) -> None:
     """Restore optimizer, scheduler, RNG, model, counters and the store position from `path`."""
     acc, st = trainer.accelerator, trainer.state
+    meta = read_checkpoint_meta(path, acc.num_processes)
     try:
-        meta = json.loads((path / "trainer_state.json").read_text())
         tensors = load_file(path / "trainer_state.safetensors")  # cpu; copied onto the device below
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise ValueError(f"Checkpoint {path} is corrupt ({err}); resume from another checkpoint.") from err
-    if meta["num_processes"] != acc.num_processes:
-        raise ValueError(f"Checkpoint {path} was written by {meta['num_processes']} processes but this run "
-                         f"has {acc.num_processes}; resume with --num_processes {meta['num_processes']} (the "
-                         "optimizer and data-position state is per process).")
     acc.load_state(str(path / "accelerate"))
     st.step, st.n_tokens, st.window_tokens = meta["step"], meta["n_tokens"], meta["window_tokens"]
     st.history = meta.get("history", [])

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
 from tqdm.auto import tqdm
 
 from .activations import ActivationsStore
-from .checkpoints import checkpoint_steps, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    checkpoint_steps,
+    load_checkpoint,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .cli import reproduce_command
 from .config import LanguageModelCrosscoderRunnerConfig
 from .evals import evaluate, scalar_metrics
@@ -44,7 +50,13 @@ def make_accelerator(cfg: LanguageModelCrosscoderRunnerConfig) -> Accelerator:
         kwargs["cpu"] = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched with several processes: gloo on CPU
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(**kwargs)
+    acc = Accelerator(**kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != launched:  # else every process would train alone and write the same output
+        raise ValueError(f"{launched} processes were launched but accelerate set up {acc.num_processes} "
+                         f"({acc.distributed_type.value}); use a config from accelerate_configs/ that matches "
+                         "the machine (cpu_2proc.yaml on CPU, multi_gpu.yaml on GPUs).")
+    return acc
 
 
 class LanguageModelCrosscoderTrainingRunner:
@@ -86,8 +98,12 @@ class LanguageModelCrosscoderTrainingRunner:
         cfg = self.cfg
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_root)
         acc = make_accelerator(cfg)
+        # refused here, before the language model loads, if written by another number of processes
+        meta = read_checkpoint_meta(resume, acc.num_processes) if resume is not None else None
         if acc.is_main_process:
             self._check_output_path()
+            if meta is not None:
+                _drop_logged_steps_after(self.output_path, meta["step"])
         acc.wait_for_everyone()
         set_seed(cfg.seed)
         store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
@@ -177,11 +193,25 @@ class LanguageModelCrosscoderTrainingRunner:
 def consolidated_crosscoder(trainer: CrosscoderTrainer) -> Crosscoder:
     """A plain copy of the trained crosscoder with full tensors, also when FSDP or ZeRO-3 shard them
     (every process must call this: gathering the state dict is collective)."""
-    state = trainer.accelerator.get_state_dict(trainer.model)
-    config = copy.deepcopy(trainer.crosscoder.config)
-    final = Crosscoder(config).to(trainer.accelerator.device)
-    final.load_state_dict(state)
+    acc = trainer.accelerator
+    state = acc.get_state_dict(trainer.model)
+    final = Crosscoder(copy.deepcopy(trainer.crosscoder.config)).to(acc.device)
+    if state:  # ZeRO-3 gathers onto the main process only; the others get it by broadcast below
+        final.load_state_dict(state)
+    if acc.num_processes > 1:  # every process runs the final eval on the same weights
+        broadcast(list(final.state_dict().values()), from_process=0)
     return final.eval()
+
+
+def _drop_logged_steps_after(out: Path, step: int) -> None:
+    """A resumed run logs the steps after its checkpoint again: drop the interrupted run's rows for them,
+    so each log holds every step once."""
+    for path in (out / name for name in LOG_FILES):
+        if path.is_file():
+            rows = path.read_text().splitlines()
+            kept = [row for row in rows if json.loads(row)["step"] <= step]
+            if len(kept) < len(rows):
+                path.write_text("".join(row + "\n" for row in kept))
 
 
 def _draw_plots(out: Path, crosscoder: Crosscoder) -> None:

@@ -64,6 +64,14 @@ class TrainerState:
         return {"step": self.step, "n_tokens": self.n_tokens, "window_tokens": self.window_tokens}
 
 
+def make_optimizer(cfg: LanguageModelCrosscoderRunnerConfig, crosscoder: Crosscoder) -> torch.optim.Adam:
+    """Adam; its fused kernel (one pass per tensor) where the parameters' device has one: at crosscoder
+    sizes it is ~3x faster than the default multi-tensor path on CPU (bench: 8 vs 27 ms, 12.6M params)."""
+    params = list(crosscoder.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused)
+
+
 class StopTraining(Exception):
     """Raised inside the loop when a signal asked to stop; the runner checkpoints and exits."""
 
@@ -72,7 +80,8 @@ class CrosscoderTrainer:
     """Adam + schedule + sparsity warmup + clipping + dead-latent tracking + NaN guard.
 
     `log_fn(step, metrics)` receives training metrics every `wandb_log_frequency` steps (main process
-    only logs them); `eval_fn(step)` runs every `eval_every_n_wandb_logs` logs; `checkpoint_fn(step)` at the
+    only logs them); `eval_fn(step)` runs every `eval_every_n_wandb_logs` logs, except at the last step
+    (where the caller runs its final evaluation); `checkpoint_fn(step)` at the
     steps in `checkpoint_steps`. The loss is checked for NaN/inf at every log and before each checkpoint
     (not every step: a host sync per step would stall a GPU), so a checkpoint is only ever written from
     finite weights.
@@ -83,12 +92,14 @@ class CrosscoderTrainer:
         self.cfg = cfg
         self.accelerator = accelerator
         self.total_steps = total_steps or cfg.total_training_steps
-        optimizer = torch.optim.Adam(crosscoder.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        optimizer = make_optimizer(cfg, crosscoder)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
         deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
         if deepspeed is not None:  # no dataloader goes through prepare, so DeepSpeed is told the batch
             per_process = cfg.train_batch_size_tokens // accelerator.num_processes
             deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
+            # DeepSpeed clips inside its step (accelerate's clip_grad_norm_ is a no-op there): use ours
+            deepspeed.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
         self.model, self.optimizer, self.scheduler = accelerator.prepare(crosscoder, optimizer, scheduler)
         if cfg.compile_crosscoder:  # unwrap_model sees through the compiled wrapper
             self.model = torch.compile(self.model)
@@ -153,7 +164,8 @@ class CrosscoderTrainer:
                 st.history.append({"step": st.step, **metrics})
                 if log_fn is not None:
                     log_fn(st.step, metrics)
-            if eval_fn is not None and st.step % (log_every * cfg.eval_every_n_wandb_logs) == 0:
+            last = st.step == self.total_steps  # the final evaluation is the caller's (runner: _finish)
+            if eval_fn is not None and st.step % (log_every * cfg.eval_every_n_wandb_logs) == 0 and not last:
                 eval_fn(st.step)
             if checkpoint_fn is not None and st.step in checkpoint_steps:
                 checkpoint_fn(st.step)

@@ -1,0 +1,59 @@
+"""checkpoints.py on its own: spacing, finding the latest complete checkpoint, and refusing bad ones
+before any work (the save/resume round trips run end to end in test_llm_crosscoder_training_runner.py)."""
+
+import json
+
+import pytest
+
+from hf_crosscoder.checkpoints import (
+    REQUIRED,
+    checkpoint_steps,
+    latest_checkpoint,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+)
+
+
+def test_checkpoint_steps_are_spaced_and_end_at_the_last_step():
+    assert checkpoint_steps(100, 0) == ()
+    assert checkpoint_steps(100, 1) == (50, 100)
+    assert checkpoint_steps(100, 3) == (25, 50, 75, 100)
+    assert checkpoint_steps(3, 5) == (1, 2, 3)  # more checkpoints than steps: each step once
+
+
+def _complete(path, step=1, num_processes=1):
+    path.mkdir(parents=True)
+    for name in REQUIRED:
+        (path / name).mkdir() if name == "accelerate" else (path / name).write_text("x")
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "num_processes": num_processes}))
+    return path
+
+
+def test_latest_checkpoint_is_the_highest_step_and_ignores_temporary_dirs(tmp_path):
+    assert latest_checkpoint(tmp_path / "missing") is None
+    for step in (2, 10, 9):
+        _complete(tmp_path / f"step_{step}", step)
+    (tmp_path / ".tmp_step_11").mkdir()  # a write that was killed mid-way
+    (tmp_path / "step_x").mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_10"
+    assert resolve_checkpoint("latest", tmp_path) == tmp_path / "step_10"
+    assert resolve_checkpoint(None, tmp_path) is None
+
+
+def test_resolve_refuses_missing_and_incomplete_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        resolve_checkpoint("latest", tmp_path)
+    partial = _complete(tmp_path / "step_3")
+    (partial / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete.*model.safetensors"):
+        resolve_checkpoint(str(partial), tmp_path)
+
+
+def test_read_meta_refuses_corrupt_state_and_another_process_count(tmp_path):
+    path = _complete(tmp_path / "step_4", step=4, num_processes=2)
+    assert read_checkpoint_meta(path, 2)["step"] == 4
+    with pytest.raises(ValueError, match="written by 2 processes.*--num_processes 2"):
+        read_checkpoint_meta(path, 1)
+    (path / "trainer_state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        read_checkpoint_meta(path, 2)
