@@ -1,10 +1,11 @@
 """Evals against a naive recomputation on the same batch."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import make_runner_config
 
-from hf_crosscoder import ActivationsStore, Crosscoder
+from hf_crosscoder import ActivationsStore, Crosscoder, evals
 from hf_crosscoder.evals import evaluate
 from hf_crosscoder.hooks import splice
 
@@ -16,7 +17,12 @@ def _setup(tiny_model_dir, text_dataset_path, **overrides):
     return cfg, crosscoder
 
 
-def test_metrics_match_naive_recomputation(tiny_model_dir, text_dataset_path):
+@pytest.mark.parametrize("one_prompt_per_forward", [False, True])
+def test_metrics_match_naive_recomputation(tiny_model_dir, text_dataset_path, monkeypatch, one_prompt_per_forward):
+    # CE evals run the LM over groups of prompts (bounded logits); one prompt per group must give the
+    # same sums as the whole batch at once
+    if one_prompt_per_forward:
+        monkeypatch.setattr(evals, "LOGITS_CHUNK_ELEMENTS", 1)
     cfg, cc = _setup(tiny_model_dir, text_dataset_path)
     metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
 
@@ -77,3 +83,13 @@ def test_perfect_reconstruction_scores_one(tiny_model_dir, text_dataset_path):
     assert abs(metrics[f"ce_loss_score/{hooks[0]}"] - 1) < 1e-5
     assert metrics[f"kl_div/{hooks[0]}"] < 1e-6
     assert metrics["dead_fraction"] == 1.0 and metrics["l0"] == 0
+
+
+def test_causal_lm_detection_covers_gpt2_and_excludes_encoders():
+    # GPT-2's LM class is GPT2LMHeadModel, not *ForCausalLM: it still gets CE metrics; BERT does not
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    assert evals.is_causal_lm(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32)))
+    assert not evals.is_causal_lm(BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32, vocab_size=32)))
+    assert not evals.is_causal_lm(None)

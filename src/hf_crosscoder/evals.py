@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .hooks import splice
+from .hooks import forward_kwargs, splice
 from .modeling import Crosscoder
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens is "dense" (a convention)
+LOGITS_CHUNK_ELEMENTS = 2**25  # CE evals: prompts per LM forward so that one logits tensor is <= 128 MiB
 
 
 class _Sums:
@@ -38,8 +39,14 @@ class _Sums:
 
 
 def is_causal_lm(model) -> bool:
-    """CE-loss evals need next-token logits from the same model the hooks sit in."""
-    return model is not None and model.__class__.__name__.endswith("ForCausalLM")
+    """CE-loss evals need next-token logits from the same model the hooks sit in: a class that
+    AutoModelForCausalLM builds (GPT2LMHeadModel as well as the *ForCausalLM ones)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model is None:
+        return False
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 @torch.no_grad()
@@ -92,34 +99,44 @@ def _accumulate_reconstruction(sums: _Sums, out, y: Tensor) -> None:
 
 def _accumulate_ce(sums: _Sums, store, tokens: Tensor, recon_norm: Tensor, keep: Tensor) -> None:
     """CE of the clean model, and with each output hook replaced by the reconstruction (raw scale) or
-    zeros; KL(clean || spliced) summed over the vocabulary. Excluded positions (BOS) keep their activation."""
-    model, hooks = store.model, store.hook_names_out
+    zeros; KL(clean || spliced) summed over the vocabulary. Excluded positions (BOS) keep their activation.
+    Runs over groups of prompts whose logits stay under LOGITS_CHUNK_ELEMENTS: a whole batch of logits is
+    [b, s, vocab] floats (0.8 GB for 32 x 128 pythia tokens, several alive at once), and the full-size
+    temporaries cost more time in page faults than the LM head's arithmetic."""
     b, s = tokens.shape
-    n_out = len(hooks)
-    clean = model(tokens).logits
-    n_pred = b * (s - 1)
-    sums.ce[0] += _next_token_ce(clean, tokens) * n_pred
-    keep_bs = keep.view(b, s, 1)
-    clean_logp = F.log_softmax(clean[:, :-1].float(), -1)  # the positions CE is measured on
-    for j, hook in enumerate(hooks):
-        raw = (recon_norm[:, j] / store.scale_out[j]).view(b, s, -1)
+    recon = recon_norm.view(b, s, *recon_norm.shape[1:])
+    head = store.model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else store.model.config.vocab_size
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // (s * vocab))
+    for i in range(0, b, rows):
+        _accumulate_ce_rows(sums, store, tokens[i:i + rows], recon[i:i + rows], keep.view(b, s)[i:i + rows])
+    sums.ce[-1] += b * (s - 1)
+
+
+def _accumulate_ce_rows(sums: _Sums, store, tokens: Tensor, recon: Tensor, keep: Tensor) -> None:
+    model, keep, kwargs = store.model, keep[..., None], forward_kwargs(store.model)
+    clean_logp = _next_token_logp(model(tokens, **kwargs).logits)
+    clean_p = clean_logp.exp()
+    targets = tokens[:, 1:, None]
+    sums.ce[0] -= clean_logp.gather(-1, targets).sum()
+    for j, hook in enumerate(store.hook_names_out):
+        raw = recon[:, :, j] / store.scale_out[j]
 
         def with_recon(act: Tensor, raw=raw) -> Tensor:
-            return torch.where(keep_bs, raw.to(act.dtype), act)
+            return torch.where(keep, raw.to(act.dtype), act)
 
         with splice(model, {hook: with_recon}):
-            spliced = model(tokens).logits
+            spliced_logp = _next_token_logp(model(tokens, **kwargs).logits)
+        sums.ce[1 + 3 * j] -= spliced_logp.gather(-1, targets).sum()
+        sums.ce[3 + 3 * j] += (clean_p * (clean_logp - spliced_logp)).sum()  # KL(clean || spliced)
+        del spliced_logp
         with splice(model, {hook: torch.zeros_like}):
-            zeroed = model(tokens).logits
-        kl = F.kl_div(F.log_softmax(spliced[:, :-1].float(), -1), clean_logp, log_target=True, reduction="sum")
-        sums.ce[1 + 3 * j] += _next_token_ce(spliced, tokens) * n_pred
-        sums.ce[2 + 3 * j] += _next_token_ce(zeroed, tokens) * n_pred
-        sums.ce[3 + 3 * j] += kl
-    sums.ce[3 * n_out + 1] += n_pred
+            sums.ce[2 + 3 * j] -= _next_token_logp(model(tokens, **kwargs).logits).gather(-1, targets).sum()
 
 
-def _next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+def _next_token_logp(logits: Tensor) -> Tensor:
+    """Log-probabilities at the positions that have a next token, in float32."""
+    return F.log_softmax(logits[:, :-1].float(), -1)
 
 
 def _finish(sums: _Sums, hooks: list[str], causal: bool) -> dict:

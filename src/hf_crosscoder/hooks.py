@@ -190,7 +190,8 @@ def _register(point: HookPoint, fn: Callable[[Tensor], Tensor | None]) -> torch.
     return point.module.register_forward_hook(hook)
 
 
-def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+def forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments for a forward whose outputs are read once (no KV cache, where the model has one)."""
     # no KV cache: it is never read back, and an early-stopped forward leaves it half-filled
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
@@ -216,7 +217,7 @@ def capture_activations(model: nn.Module, hook_names: Sequence[str], input_ids: 
         for point in points:
             handles.append(_register(point, recorder(point)))
         with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, **_forward_kwargs(model))
+            model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs(model))
     except _StopForward:
         pass
     finally:
