@@ -1,4 +1,6 @@
+import copy
 import math
+import re
 
 import pytest
 import torch
@@ -192,12 +194,23 @@ def test_user_errors_are_clear(cfg, tiny_model_and_tokenizer):
         per_process_batch_size(64, 3)
 
 
-def test_nan_activations_name_the_hook(cfg, tiny_model_and_tokenizer):
+@pytest.mark.parametrize("dtype, fix", [(torch.float32, "check the model's weights"),
+                                        (torch.bfloat16, "load the model with dtype='float32'")])
+def test_nan_activations_name_the_hook(cfg, tiny_model_and_tokenizer, dtype, fix):
+    # the fix named depends on the dtype: a float32 model producing NaN has bad weights or inputs
     model, tokenizer = tiny_model_and_tokenizer
+    model = copy.deepcopy(model).to(dtype)
     store = ActivationsStore(cfg(), model=model, tokenizer=tokenizer)
     handle = model.gpt_neox.layers[1].register_forward_hook(lambda m, a, out: torch.full_like(out, math.nan))
-    try:
-        with pytest.raises(ValueError, match=r"hook\(s\) \['blocks.1.hook_resid_post'.*NaN/inf.*dtype='float32'"):
-            store.next_batch()
-    finally:
-        handle.remove()
+    with pytest.raises(ValueError, match=r"hook\(s\) \['blocks.1.hook_resid_post'.*NaN/inf.*" + re.escape(fix)):
+        store.next_batch()
+    handle.remove()
+
+
+def test_hook_of_another_width_is_refused(cfg, tiny_model_and_tokenizer):
+    # a raw module path can name a module that does not write the residual stream (an MLP up-projection)
+    model, tokenizer = tiny_model_and_tokenizer
+    store = ActivationsStore(cfg(hook_names_in=["gpt_neox.layers.0.mlp.dense_h_to_4h"]), model=model,
+                             tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"'gpt_neox.layers.0.mlp.dense_h_to_4h': 128.*d_model=64"):
+        store.next_batch()

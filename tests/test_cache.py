@@ -153,3 +153,28 @@ def test_bad_cache_config_raises_naming_the_fix(kw, match):
     with pytest.raises(ValueError, match=match):
         CacheActivationsRunnerConfig(**{"new_cached_activations_path": "c", "hook_names_in": ["a"],
                                         "hook_names_out": ["b"], **kw})
+
+
+def test_crosscoder_trained_from_a_cache_records_where_the_rows_came_from(tiny_model_dir, text_dataset_path,
+                                                                         tmp_path):
+    # no model_name given (the field's default is another model): config.json and the model card must name
+    # the model, data and context the cache was harvested with
+    from hf_crosscoder import LanguageModelCrosscoderTrainingRunner
+
+    path = CacheActivationsRunner(_cache_config(tiny_model_dir, text_dataset_path, tmp_path / "c",
+                                                training_tokens=400)).run()
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, cached_activations_path=str(path),
+                             model_name="EleutherAI/pythia-70m", dataset_path="roneneldan/TinyStories",
+                             context_size=128, training_tokens=128, output_path=str(tmp_path / "out"))
+    config = LanguageModelCrosscoderTrainingRunner(cfg).run().config
+    assert (config.model_name, config.dataset_path, config.context_size) == (
+        str(tiny_model_dir), str(text_dataset_path), 32)
+    assert str(tiny_model_dir) in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_cache_is_not_created_when_the_model_does_not_match(tiny_model_dir, text_dataset_path, tmp_path):
+    for overrides, match in (({"d_model": 32}, "d_model=32 does not match"),
+                             ({"hook_names_in": ["blocks.0.hook_bogus"]}, "Unknown hook name")):
+        with pytest.raises(ValueError, match=match):
+            CacheActivationsRunner(_cache_config(tiny_model_dir, text_dataset_path, tmp_path / "c", **overrides)).run()
+        assert not (tmp_path / "c").exists()

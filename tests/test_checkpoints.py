@@ -2,6 +2,7 @@
 before any work (the save/resume round trips run end to end in test_llm_crosscoder_training_runner.py)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,11 +22,17 @@ def test_checkpoint_steps_are_spaced_and_end_at_the_last_step():
     assert checkpoint_steps(3, 5) == (1, 2, 3)  # more checkpoints than steps: each step once
 
 
+CROSSCODER = {"architecture": "topk_crosscoder", "d_model": 64, "d_sae": 256, "hook_names_in": ["a", "b"],
+              "hook_names_out": ["c"]}
+
+
 def _complete(path, step=1, num_processes=1):
     path.mkdir(parents=True)
     for name in REQUIRED:
         (path / name).mkdir() if name == "accelerate" else (path / name).write_text("x")
+    (path / "accelerate" / "model.safetensors").write_text("x")
     (path / "trainer_state.json").write_text(json.dumps({"step": step, "num_processes": num_processes}))
+    (path / "config.json").write_text(json.dumps({**CROSSCODER, "k": 8}))
     return path
 
 
@@ -57,3 +64,21 @@ def test_read_meta_refuses_corrupt_state_and_another_process_count(tmp_path):
     (path / "trainer_state.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         read_checkpoint_meta(path, 2)
+
+
+def test_read_meta_refuses_an_empty_optimizer_state(tmp_path):
+    path = _complete(tmp_path / "step_1")
+    (path / "accelerate" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="empty accelerate/ folder"):
+        read_checkpoint_meta(path, 1)
+
+
+def test_read_meta_refuses_a_checkpoint_of_another_crosscoder(tmp_path):
+    # checked against the run's config before any model loads, instead of a size mismatch deep in
+    # load_state_dict
+    path = _complete(tmp_path / "step_1")
+    assert read_checkpoint_meta(path, 1, SimpleNamespace(**CROSSCODER, k=4))["step"] == 1  # k may change
+    for change in ({"d_sae": 512}, {"hook_names_out": ["d"]}, {"architecture": "crosscoder"}):
+        with pytest.raises(ValueError, match=f"another crosscoder: {next(iter(change))}=.*this run: "
+                                             "(.|\\n)*start a new run"):
+            read_checkpoint_meta(path, 1, SimpleNamespace(**{**CROSSCODER, **change}))

@@ -85,6 +85,12 @@ def test_config_json_round_trip_with_provenance(tmp_path):
     ({"l1_coefficient": -1.0}, "l1_coefficient must be >= 0"),
     ({"jumprelu_bandwidth": 0.0}, "jumprelu_bandwidth must be > 0"),
     ({"batchtopk_threshold_momentum": 1.0}, r"batchtopk_threshold_momentum must be in \[0, 1\)"),
+    ({"d_model": 8.5}, "d_model must be a positive integer"),
+    ({"d_sae": 10.5}, "d_sae must be a positive"),
+    ({"decoder_init_norm": 0.0}, "decoder_init_norm must be > 0"),
+    ({"aux_coefficient": -1.0}, "aux_coefficient must be >= 0"),
+    ({"jumprelu_init_threshold": -0.1}, "jumprelu_init_threshold must be >= 0"),
+    ({"jumprelu_tanh_scale": float("nan")}, "jumprelu_tanh_scale must be > 0; got nan"),
 ])
 def test_bad_crosscoder_config_raises_naming_the_fix(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -136,6 +142,20 @@ def test_runner_shares_hyper_parameter_names_and_defaults():
     ({"normalize_activations": "layer"}, "use one of none, expected_average"),
     ({"lr_scheduler_name": "step"}, "use one of constant, cosineannealing, linear"),
     ({"hub_strategy": "every_save"}, "use one of end, checkpoint"),
+    # values that used to train silently into nonsense (negative clipping flips gradients, a negative
+    # warmup a negative sparsity coefficient, a negative lr_end a negative lr, no eval batch a perfect score)
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
+    ({"l1_warmup_steps": -5}, "l1_warmup_steps must be >= 0"),
+    ({"lr_warmup_steps": -1}, "lr_warmup_steps must be >= 0"),
+    ({"lr_decay_steps": -5}, "lr_decay_steps must be >= 0"),
+    ({"lr_end": -1e-2}, "lr_end must be >= 0"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"lr": float("nan")}, "lr must be > 0"),
+    ({"adam_beta2": 1.0}, "adam_beta1/adam_beta2 must be < 1"),
+    ({"n_eval_batches": 0}, "n_eval_batches must be positive"),
+    ({"n_batches_for_norm_estimate": 0}, "n_batches_for_norm_estimate must be positive"),
+    ({"n_checkpoints": -1}, "n_checkpoints must be >= 0"),
+    ({"d_sae": None, "expansion_factor": 0}, "expansion_factor must be a positive integer"),
 ])
 def test_bad_runner_config_raises_naming_the_fix(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import time
 
 import pytest
@@ -27,6 +28,8 @@ def test_trains_evaluates_saves_and_reloads(arch, tiny_model_dir, text_dataset_p
         assert (out / name).exists(), name
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert log[-1]["losses/mse"] < log[0]["losses/mse"]
+    elapsed = [row["elapsed_s"] for row in log]  # wall clock for throughput: positive, increasing
+    assert elapsed[0] > 0 and elapsed == sorted(elapsed)
     metrics = json.loads((out / "metrics.json").read_text())
     for hook in cfg.hook_names_out:
         assert 0 <= metrics[f"fvu_normalized/{hook}"] < 1.5
@@ -109,6 +112,55 @@ def test_existing_output_is_never_overwritten(tiny_model_dir, text_dataset_path,
     with pytest.raises(ValueError, match="is a file"):
         LanguageModelCrosscoderTrainingRunner(make_runner_config(
             tiny_model_dir, text_dataset_path, output_path=str(unwritable))).run()
+
+
+def _model_without_weights(tiny_model_dir, tmp_path):
+    """The tiny model's config and tokenizer with unreadable weights: any check that runs after the weights
+    load fails with a safetensors error instead of its own message."""
+    broken = tmp_path / "no_weights"
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"\xff" * 64)
+    return broken
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"hook_names_in": ["blocks.0.hook_bogus"]}, ValueError, "Unknown hook name 'blocks.0.hook_bogus'.*Valid names"),
+    ({"hook_names_out": ["blocks.9.hook_resid_post"]}, ValueError, "has 4 layers"),
+    ({"dataset_path": "/nonexistent/corpus.jsonl"}, FileNotFoundError, "does not exist; give an existing local"),
+    ({"dataset_path": "EMPTY"}, ValueError, "yielded no tokens"),
+])
+def test_hooks_and_data_are_checked_before_the_weights_load(tiny_model_dir, text_dataset_path, tmp_path,
+                                                            overrides, error, match):
+    if overrides.get("dataset_path") == "EMPTY":
+        (tmp_path / "empty.jsonl").write_text("")
+        overrides = {"dataset_path": str(tmp_path / "empty.jsonl")}
+    cfg = make_runner_config(_model_without_weights(tiny_model_dir, tmp_path), text_dataset_path,
+                             output_path=str(tmp_path / "out"), **overrides)
+    with pytest.raises(error, match=match):
+        LanguageModelCrosscoderTrainingRunner(cfg).run()
+
+
+def test_failed_overwrite_keeps_the_earlier_outputs(tiny_model_dir, text_dataset_path, tmp_path):
+    # overwrite_output replaces the old logs and plots only once the new run passed its checks
+    out = tmp_path / "done"
+    out.mkdir()
+    for name in ("training_log.jsonl", "eval_log.jsonl", "loss.png"):
+        (out / name).write_text("earlier run")
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(out), overwrite_output=True,
+                             hook_names_in=["blocks.0.hook_bogus"])
+    with pytest.raises(ValueError, match="Unknown hook name"):
+        LanguageModelCrosscoderTrainingRunner(cfg).run()
+    assert all((out / name).read_text() == "earlier run" for name in ("training_log.jsonl", "eval_log.jsonl",
+                                                                       "loss.png"))
+
+
+def test_cuda_device_without_a_gpu_is_refused(tiny_model_dir, text_dataset_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, device="cuda", output_path=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="device='cuda' but torch sees no CUDA device.*drop --device"):
+        LanguageModelCrosscoderTrainingRunner(cfg).run()
+    assert not (tmp_path / "o").exists()
 
 
 def _config_file(cfg, path):

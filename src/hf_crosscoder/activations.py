@@ -42,6 +42,7 @@ import torch
 import transformers
 from accelerate import PartialState
 from accelerate.utils import reduce
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
@@ -99,14 +100,31 @@ def loading_whole() -> Iterator[None]:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def load_model_and_tokenizer(cfg: Any, device: str | torch.device | None = None) -> tuple[nn.Module, Any]:
-    """Frozen model and tokenizer from `cfg.model_name`. The config is read and checked against
-    `cfg.d_model` / `cfg.context_size` first, so a mismatch fails before any weights load."""
+def check_hooks_before_loading(cls: Any, config: Any, hook_names: Sequence[str]) -> None:
+    """Resolve the hook names on a weightless (meta-device) copy of the model, so a wrong name fails
+    before the weights load. A model class that cannot be built there is checked once loaded instead."""
+    try:  # whole (no ZeRO-3 partitioning) and without touching the RNG the crosscoder's init draws from
+        with loading_whole(), torch.random.fork_rng(devices=[]), torch.device("meta"):
+            skeleton = cls.from_config(config)
+    except Exception:  # noqa: BLE001 (any failure only postpones the check to the loaded model)
+        return
+    for name in dict.fromkeys(hook_names):
+        resolve_hook(skeleton, name)
+
+
+def load_model_and_tokenizer(cfg: Any, device: str | torch.device | None = None,
+                             before_weights: Any = None) -> tuple[nn.Module, Any]:
+    """Frozen model and tokenizer from `cfg.model_name`. The config is checked against `cfg.d_model` /
+    `cfg.context_size` and the hook names against the model's modules first, and `before_weights(tokenizer)`
+    (e.g. opening the dataset) runs next, so all of these fail before any weights load."""
     cls, dtype = model_class(cfg.model_class_name), torch_dtype(cfg.dtype)
     config = AutoConfig.from_pretrained(cfg.model_name)
     check_d_model(config, cfg.d_model, cfg.model_name)
     check_context_size(config, cfg.context_size, cfg.model_name)
+    check_hooks_before_loading(cls, config, [*cfg.hook_names_in, *cfg.hook_names_out])
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
+    if before_weights is not None:
+        before_weights(tokenizer)
     with loading_whole():
         model = cls.from_pretrained(cfg.model_name, config=config, dtype=dtype)
     if device is not None:
@@ -127,6 +145,7 @@ class ActivationHarvester:
 
     def __init__(self, model: nn.Module, tokenizer: Any, hook_names: Sequence[str], cfg: Any) -> None:
         self.model, self.hook_names = model, list(dict.fromkeys(hook_names))  # each hook captured once
+        self.d_model = cfg.d_model
         for name in self.hook_names:
             resolve_hook(model, name)  # unknown names fail here, before any forward
         self.device = model_device(model)
@@ -144,7 +163,7 @@ class ActivationHarvester:
         rows = (~special).nonzero().squeeze(1) if drop_special else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             acts = capture_activations(self.model, self.hook_names, tokens, stop_early=True)
-        self._check_finite(acts)
+        self._check_acts(acts)
         first = acts[self.hook_names[0]]
         out = torch.empty(len(special) if rows is None else len(rows), len(self.hook_names), first.shape[-1],
                           dtype=torch.float32, device=self.device)
@@ -155,14 +174,20 @@ class ActivationHarvester:
             out[:, h] = flat if rows is None else flat[rows]
         return out, special if rows is None else special[rows]
 
-    def _check_finite(self, acts: dict[str, Tensor]) -> None:
+    def _check_acts(self, acts: dict[str, Tensor]) -> None:
+        wrong = {name: a.shape[-1] for name, a in acts.items() if a.shape[-1] != self.d_model}
+        if wrong:  # a raw module path can name any module, e.g. an MLP's up-projection
+            raise ValueError(f"hook(s) {wrong} output a width other than d_model={self.d_model}; hook modules "
+                             "that write the residual stream (resid_pre/resid_post/attn_out/mlp_out).")
         # per hook: isfinite's temporaries are then one hook's size, not the chunk's (torch.isfinite of a
         # whole float32 chunk allocates ~1.75 chunks)
         bad = [name for name in self.hook_names if not bool(torch.isfinite(acts[name]).all())]
         if bad:
-            raise ValueError(f"activations of hook(s) {bad} contain NaN/inf (model dtype "
-                             f"{next(self.model.parameters()).dtype}); load the model with dtype='float32' "
-                             "(and autocast_lm=False).")
+            dtype = next(self.model.parameters()).dtype
+            fix = ("check the model's weights (they may hold NaN/inf) and the input tokens"
+                   if dtype == torch.float32 and not self.autocast else
+                   "load the model with dtype='float32' (and autocast_lm=False)")
+            raise ValueError(f"activations of hook(s) {bad} contain NaN/inf (model dtype {dtype}); {fix}.")
 
 
 def mean_norm_stats(acts: Tensor, special: Tensor) -> tuple[Tensor, Tensor]:
@@ -221,8 +246,8 @@ class ActivationsStore:
 
     def _init_model(self, model: nn.Module | None, tokenizer: Any) -> None:
         cfg = self.cfg
-        if model is None:
-            model, tokenizer = load_model_and_tokenizer(cfg, self.device)
+        if model is None:  # the dataset is opened (and checked) before the weights load
+            model, tokenizer = load_model_and_tokenizer(cfg, self.device, before_weights=self._open_tokens)
         elif tokenizer is None:
             raise ValueError("ActivationsStore got a model without its tokenizer; pass tokenizer= too.")
         else:
@@ -230,7 +255,11 @@ class ActivationsStore:
             check_context_size(model.config, cfg.context_size, cfg.model_name)
         self.model, self.tokenizer = freeze(model), tokenizer
         self._harvester = ActivationHarvester(model, tokenizer, self.hook_names, cfg)
-        self._tokens = TokenStream(cfg, tokenizer, self.process_index, self.num_processes)
+        if self._tokens is None:
+            self._open_tokens(tokenizer)
+
+    def _open_tokens(self, tokenizer: Any) -> None:
+        self._tokens = TokenStream(self.cfg, tokenizer, self.process_index, self.num_processes)
 
     # --- harvesting ---
 
@@ -296,6 +325,12 @@ class ActivationsStore:
             raise ValueError(f"hook(s) {zero} have zero mean activation norm; cannot normalize them. Pick "
                              "other hooks or set normalize_activations='none'.")
         return means
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the rows come from, when that is not the run's config: an activation cache's model,
+        dataset and context size (for the trained crosscoder's config.json and model card)."""
+        return self._cache.provenance if self._cache is not None else {}
 
     @property
     def scale_in(self) -> Tensor:
@@ -400,7 +435,7 @@ class ActivationsStore:
         try:
             state = {**json.loads((directory / STATE_JSON).read_text()),
                      **load_file(str(directory / STATE_TENSORS))}
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SafetensorError) as err:
             raise ValueError(f"cannot read the activations-store state in {directory} ({err}); resume from a "
                              "complete checkpoint.") from err
         self.load_state_dict(state)

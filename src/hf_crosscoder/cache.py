@@ -126,14 +126,16 @@ class CacheActivationsRunner:
         cfg, state = self.cfg, PartialState()
         root = Path(cfg.new_cached_activations_path)
         _check_output_dir(root)  # on every process, so none waits for one that failed
-        if state.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-        state.wait_for_everyone()
+        streams: list[TokenStream] = []  # the dataset is opened (and checked) before the weights load
+        open_tokens = lambda tok: streams.append(TokenStream(cfg, tok, state.process_index, state.num_processes))  # noqa: E731
         model, tokenizer = self.model, self.tokenizer
         if model is None:
-            model, tokenizer = load_model_and_tokenizer(cfg, cfg.device or state.device)
+            model, tokenizer = load_model_and_tokenizer(cfg, cfg.device or state.device, before_weights=open_tokens)
         harvester = ActivationHarvester(model, tokenizer, cfg.hook_names, cfg)
-        tokens = TokenStream(cfg, tokenizer, state.process_index, state.num_processes)
+        tokens = streams[0] if streams else TokenStream(cfg, tokenizer, state.process_index, state.num_processes)
+        if state.is_main_process:  # only once the model, hooks and data passed their checks
+            root.mkdir(parents=True, exist_ok=True)
+        state.wait_for_everyone()
         writer = _ShardWriter(root, state.process_index, cfg)
         target = _share(cfg.training_tokens, state.process_index, state.num_processes)
         sums = torch.zeros(len(cfg.hook_names), dtype=torch.float64, device=harvester.device)
@@ -198,6 +200,9 @@ class CachedActivationsReader:
                  num_processes: int, chunk_rows: int, exclude_special: bool) -> None:
         meta = read_cache_metadata(path)
         _check_metadata(meta, path, hook_names, d_model)
+        # what the rows were harvested from: a crosscoder trained on them records this, not the run's defaults
+        self.provenance = {"model_name": meta["model_name"], "context_size": meta["context_size"],
+                           "dataset_path": meta.get("config", {}).get("dataset_path")}
         self.root, self.hook_names = Path(path), list(hook_names)
         self.chunk_rows, self.exclude_special = chunk_rows, exclude_special
         self.shards = []

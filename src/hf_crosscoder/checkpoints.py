@@ -15,11 +15,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .trainer import CrosscoderTrainer
 
 REQUIRED = ("config.json", "model.safetensors", "trainer_state.json", "trainer_state.safetensors", "accelerate")
+# what a resumed run must share with the checkpoint's crosscoder (the weights' shapes and meaning)
+SAME_AS_CHECKPOINT = ("architecture", "d_model", "d_sae", "hook_names_in", "hook_names_out")
+UNREADABLE = (OSError, ValueError, SafetensorError)
 
 
 def checkpoint_steps(total_steps: int, n_checkpoints: int) -> tuple[int, ...]:
@@ -82,17 +86,26 @@ def resolve_checkpoint(resume: str | None, root: str | os.PathLike) -> Path | No
     return path
 
 
-def read_checkpoint_meta(path: Path, num_processes: int) -> dict:
-    """The checkpoint's counters, refused if it was written by another number of processes (checked
-    before the language model loads)."""
+def read_checkpoint_meta(path: Path, num_processes: int, cfg=None) -> dict:
+    """The checkpoint's counters, refused (before the language model loads) if it was written by another
+    number of processes, or, given the run's `cfg`, for a crosscoder of another shape or hooks."""
     try:
         meta = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError) as err:
+        saved = json.loads((path / "config.json").read_text())
+    except UNREADABLE as err:
         raise ValueError(f"Checkpoint {path} is corrupt ({err}); resume from another checkpoint.") from err
+    if not any((path / "accelerate").iterdir()):
+        raise ValueError(f"Checkpoint {path} has an empty accelerate/ folder (no optimizer state); resume "
+                         "from another checkpoint.")
     if meta.get("num_processes") != num_processes:
         raise ValueError(f"Checkpoint {path} was written by {meta.get('num_processes')} processes but this run "
                          f"has {num_processes}; resume with --num_processes {meta.get('num_processes')} (the "
                          "optimizer and data-position state is per process).")
+    differ = [f"{k}={saved.get(k)!r} (this run: {getattr(cfg, k)!r})" for k in SAME_AS_CHECKPOINT
+              if cfg is not None and saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"Checkpoint {path} holds another crosscoder: {'; '.join(differ)}. Resume with the "
+                         "checkpoint's values, or start a new run in another output_path.")
     return meta
 
 
@@ -102,7 +115,7 @@ def load_checkpoint(path: Path, trainer: CrosscoderTrainer, store) -> None:
     meta = read_checkpoint_meta(path, acc.num_processes)
     try:
         tensors = load_file(path / "trainer_state.safetensors")  # cpu; copied onto the device below
-    except (OSError, ValueError) as err:
+    except UNREADABLE as err:
         raise ValueError(f"Checkpoint {path} is corrupt ({err}); resume from another checkpoint.") from err
     acc.load_state(str(path / "accelerate"))
     st.step, st.n_tokens, st.window_tokens = meta["step"], meta["n_tokens"], meta["window_tokens"]

@@ -10,6 +10,7 @@ runner's config and the activation cache's (`cache.CacheActivationsRunnerConfig`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,19 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(choices)}.")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_range(c: Any, names: tuple[str, ...], low: float, strict: bool = False) -> None:
+    """Each named number of `c` is finite and >= low (> low if strict); else a ValueError naming it."""
+    for name in names:
+        value = getattr(c, name)
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if strict else value >= low)
+        if not ok:
+            raise ValueError(f"{name} must be {'>' if strict else '>='} {low}; got {value!r}.")
+
+
 def validate_hook_args(c: Any) -> None:
     """The `HookArgs` checks (duck-typed): both hook lists given, d_model positive."""
     for name in ("hook_names_in", "hook_names_out"):
@@ -86,7 +100,7 @@ def validate_hook_args(c: Any) -> None:
         if isinstance(hooks, str) or not hooks:
             raise ValueError(f"{name} must be a non-empty list of hook names, e.g. "
                              f"['blocks.0.hook_resid_post']; got {hooks!r}.")
-    if c.d_model is None or c.d_model <= 0:
+    if not _is_int(c.d_model) or c.d_model <= 0:
         raise ValueError(f"d_model must be a positive integer (the model's hidden size); got {c.d_model}.")
 
 
@@ -102,17 +116,16 @@ def validate_crosscoder_args(c: Any) -> None:
         hooks = getattr(c, name)
         if len(set(hooks)) != len(hooks):
             raise ValueError(f"{name} lists a hook twice: {hooks}; list each hook once.")
-    if c.d_sae is not None and c.d_sae <= 0:
+    if c.d_sae is not None and (not _is_int(c.d_sae) or c.d_sae <= 0):
         raise ValueError(f"d_sae must be a positive number of latents; got {c.d_sae}.")
     if c.architecture in ("topk_crosscoder", "batchtopk_crosscoder"):
-        if c.k <= 0 or (c.d_sae is not None and c.k > c.d_sae):
+        if not _is_int(c.k) or c.k <= 0 or (c.d_sae is not None and c.k > c.d_sae):
             raise ValueError(f"k={c.k} must be between 1 and d_sae={c.d_sae}; lower k or raise d_sae.")
         if c.k_aux is not None and c.k_aux <= 0:
             raise ValueError(f"k_aux must be positive (or None for the default); got {c.k_aux}.")
-    if c.l1_coefficient < 0:
-        raise ValueError(f"l1_coefficient must be >= 0; got {c.l1_coefficient}.")
-    if c.jumprelu_bandwidth <= 0:
-        raise ValueError(f"jumprelu_bandwidth must be > 0; got {c.jumprelu_bandwidth}.")
+    check_range(c, ("l1_coefficient", "aux_coefficient", "jumprelu_init_threshold",
+                    "jumprelu_pre_act_coefficient"), 0)
+    check_range(c, ("jumprelu_bandwidth", "jumprelu_tanh_scale", "decoder_init_norm"), 0, strict=True)
     if not 0.0 <= c.batchtopk_threshold_momentum < 1.0:
         raise ValueError("batchtopk_threshold_momentum must be in [0, 1); "
                          f"got {c.batchtopk_threshold_momentum}.")
@@ -305,6 +318,8 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
 
     def __post_init__(self) -> None:
         if self.d_sae is None:
+            if self.expansion_factor is not None and (not _is_int(self.expansion_factor) or self.expansion_factor <= 0):
+                raise ValueError(f"expansion_factor must be a positive integer; got {self.expansion_factor!r}.")
             self.d_sae = (self.expansion_factor or 4) * self.d_model * len(self.hook_names_in or [0])
         validate_crosscoder_args(self)
         super().__post_init__()  # HarvestArgs: the model, data and harvesting fields
@@ -312,10 +327,18 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
 
     def _validate_run(self) -> None:
         positive = ("train_batch_size_tokens", "n_batches_in_buffer", "dead_feature_window",
-                    "feature_sampling_window", "wandb_log_frequency", "eval_every_n_wandb_logs")
+                    "feature_sampling_window", "wandb_log_frequency", "eval_every_n_wandb_logs",
+                    "n_eval_batches", "n_batches_for_norm_estimate")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
+        check_range(self, ("lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps", "n_checkpoints",
+                           "max_grad_norm", "adam_beta1", "adam_beta2"), 0)
+        check_range(self, ("lr",), 0, strict=True)
+        if self.lr_end is not None:
+            check_range(self, ("lr_end",), 0)
+        if max(self.adam_beta1, self.adam_beta2) >= 1:
+            raise ValueError(f"adam_beta1/adam_beta2 must be < 1; got {self.adam_beta1}, {self.adam_beta2}.")
         if self.training_tokens < self.train_batch_size_tokens:
             raise ValueError(f"training_tokens={self.training_tokens} is smaller than one batch "
                              f"(train_batch_size_tokens={self.train_batch_size_tokens}); raise "
@@ -336,6 +359,6 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
     def crosscoder_config(self, **provenance: Any) -> CrosscoderConfig:
         """The `CrosscoderConfig` this run trains (hyper-parameters copied by name, plus provenance)."""
         hyper = {name: getattr(self, name) for name in ARG_DEFAULTS}
-        return CrosscoderConfig(**hyper, model_name=self.model_name, dataset_path=self.dataset_path,
-                                context_size=self.context_size, training_tokens=self.training_tokens,
-                                **provenance)
+        source = dict(model_name=self.model_name, dataset_path=self.dataset_path, context_size=self.context_size,
+                      training_tokens=self.training_tokens)
+        return CrosscoderConfig(**hyper, **{**source, **provenance})

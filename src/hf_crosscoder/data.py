@@ -91,6 +91,9 @@ def load_dataset_from_config(cfg: Any) -> Dataset | IterableDataset:
     if os.path.exists(path):
         raise ValueError(f"dataset_path {path} is neither a save_to_disk directory nor a "
                          f"{'/'.join(SUFFIX_BUILDERS)} file or directory of such files.")
+    if path.startswith(("/", "./", "../", "~")) or Path(path).suffix.lower() in SUFFIX_BUILDERS:
+        raise FileNotFoundError(f"dataset_path {path} does not exist; give an existing local file or folder, "
+                                "or a Hub dataset id such as roneneldan/TinyStories.")
     return load_dataset(path, name=cfg.dataset_name, split=split, streaming=cfg.streaming)
 
 

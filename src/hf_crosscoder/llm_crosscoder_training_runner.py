@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +51,9 @@ def make_accelerator(cfg: LanguageModelCrosscoderRunnerConfig) -> Accelerator:
         kwargs["cpu"] = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched with several processes: gloo on CPU
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    if cfg.device is not None and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device (torch.cuda.is_available() is "
+                         "False); drop --device to train on CPU, or install a CUDA build of torch.")
     acc = Accelerator(**kwargs)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != launched:  # else every process would train alone and write the same output
@@ -81,10 +85,6 @@ class LanguageModelCrosscoderTrainingRunner:
         if existing and existing != ["checkpoints"] and not (resuming or cfg.overwrite_output):
             raise ValueError(f"output_path {self.output_path} is not empty ({', '.join(sorted(existing)[:5])}); "
                              "choose a new output_path, pass --overwrite_output, or --resume_from_checkpoint latest.")
-        if existing and cfg.overwrite_output and not resuming:  # a fresh run replaces the old logs and plots
-            stale = [*self.output_path.glob("*.png"), *(self.output_path / n for n in LOG_FILES)]
-            for path in stale:
-                path.unlink(missing_ok=True)
         try:
             self.output_path.mkdir(parents=True, exist_ok=True)
             probe = self.output_path / ".write_test"
@@ -93,24 +93,34 @@ class LanguageModelCrosscoderTrainingRunner:
         except OSError as err:
             raise ValueError(f"output_path {self.output_path} is not writable ({err}); choose another.") from err
 
+    def _prepare_logs(self, meta: dict | None) -> None:
+        """A resumed run drops the interrupted run's rows after its checkpoint; a fresh run over an old
+        output (overwrite_output) starts new logs and plots."""
+        if meta is not None:
+            _drop_logged_steps_after(self.output_path, meta["step"])
+        elif self.cfg.overwrite_output:
+            for path in [*self.output_path.glob("*.png"), *(self.output_path / n for n in LOG_FILES)]:
+                path.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ run
     def run(self) -> Crosscoder:
         cfg = self.cfg
+        self._started = time.perf_counter()
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_root)
         acc = make_accelerator(cfg)
         # refused here, before the language model loads, if written by another number of processes
-        meta = read_checkpoint_meta(resume, acc.num_processes) if resume is not None else None
+        meta = read_checkpoint_meta(resume, acc.num_processes, cfg) if resume is not None else None
         if acc.is_main_process:
             self._check_output_path()
-            if meta is not None:
-                _drop_logged_steps_after(self.output_path, meta["step"])
         acc.wait_for_everyone()
         set_seed(cfg.seed)
         store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
-        crosscoder = Crosscoder(cfg.crosscoder_config())
+        crosscoder = Crosscoder(cfg.crosscoder_config(**store.provenance))
         trainer = CrosscoderTrainer(cfg, crosscoder, acc)
         if resume is not None:  # before touching the scales: the checkpoint's store holds them
             load_checkpoint(resume, trainer, store)
+        if acc.is_main_process:  # only now that the model, data and checkpoint passed their checks
+            self._prepare_logs(meta)
         # provenance of the training-space model in checkpoints (estimates the scales if not resumed)
         crosscoder.config.activation_scale_in = store.scale_in.tolist()
         crosscoder.config.activation_scale_out = store.scale_out.tolist()
@@ -154,7 +164,9 @@ class LanguageModelCrosscoderTrainingRunner:
     def _log(self, acc: Accelerator, step: int, metrics: dict, filename: str) -> None:
         if acc.is_main_process:
             with open(self.output_path / filename, "a") as f:
-                f.write(json.dumps({"step": step, **scalar_metrics(metrics)}) + "\n")
+                # wall time lets throughput be read off the log (since this process's run() began)
+                elapsed = round(time.perf_counter() - self._started, 3)
+                f.write(json.dumps({"step": step, "elapsed_s": elapsed, **scalar_metrics(metrics)}) + "\n")
         if self.cfg.log_to_wandb:
             acc.log(_for_wandb(metrics), step=step)
 
