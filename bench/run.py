@@ -25,17 +25,19 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = ["archs", "peers", "decode", "memory", "harvest", "e2e"]
+SECTIONS = ["archs", "peers", "decode", "memory", "harvest", "e2e", "overlap", "distributed"]
 ARCHS = ["crosscoder", "skip_crosscoder", "jumprelu_crosscoder", "topk_crosscoder", "batchtopk_crosscoder"]
 PEER_ARCHS = {"crosscoder": ("saelens", "standard"), "topk_crosscoder": ("saelens", "topk"),
               "batchtopk_crosscoder": ("saelens", "batchtopk"), "jumprelu_crosscoder": ("saelens", "jumprelu")}
-TARGETS = {"saelens": 0.8, "sparsify": 1.0, "flops": 0.5, "decode": 3.0, "memory": 1.3}
+TARGETS = {"saelens": 0.8, "sparsify": 1.0, "flops": 0.5, "decode": 3.0, "memory": 1.3, "scaling": 1.6}
 B, K = 4096, 32
 GLIBC_MMAP = 131072
 
 
-def worker(python: str | Path, script: str, *args, timeout: int = 3600, env: dict | None = None) -> dict:
-    cmd = [str(python), str(HERE / script), *map(str, args)]
+def worker(python: str | Path, script: str, *args, timeout: int = 3600, env: dict | None = None,
+           launcher: tuple = ()) -> dict:
+    """Run bench/`script` (after `launcher`'s arguments, if any) and return its last stdout line's JSON."""
+    cmd = [str(python), *map(str, launcher), str(HERE / script), *map(str, args)]
     print(f"  $ {' '.join(cmd)}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env=None if env is None else {**os.environ, **env})
@@ -193,9 +195,8 @@ def run_harvest(a, tmp: Path, out: dict) -> str:
 
 
 def run_e2e(a, tmp: Path, out: dict) -> str:
-    steps = ["3", "8"] if a.quick else ["4", "16"]
     try:
-        e2e = worker(sys.executable, "e2e.py", "--steps", *steps)
+        e2e = e2e_launch("8" if a.quick else "16", 2)
     except RuntimeError as err:
         return f"### End to end\n\npending: the runner does not run yet ({str(err).splitlines()[-1][:200]})"
     acts = save_acts(tmp / "acts1536.safetensors", 1536)
@@ -204,12 +205,65 @@ def run_e2e(a, tmp: Path, out: dict) -> str:
     harvest = worker(sys.executable, "harvest.py", "--reps", a.reps)["results"]["harvest"]["tokens_per_s"]
     serial = 1 / (1 / harvest + train / B)
     out["e2e"] = {"runner": e2e, "train_step_s": train, "harvest_tokens_per_s": harvest, "serial_bound": serial}
-    rows = [["runner .run() (difference of two run lengths)", e2e["tokens_per_s"]],
+    rows = [["runner .run(), steady state (steps 5 to the last)", e2e["tokens_per_s"]],
             ["harvest alone", harvest], ["train_step alone", B / train],
             ["harvest then train, no overlap (1 / (1/h + 1/t))", serial]]
     return ("### End to end: LanguageModelCrosscoderTrainingRunner(cfg).run(), crosscoder d_sae 4096, "
             "layers 0-2 -> 3-5, batch 4096\n\n" + table(["what", "tokens/s"], rows) +
             f"\n\nrunner / (harvest then train): {e2e['tokens_per_s'] / serial:.2f}")
+
+
+def run_overlap(a, tmp: Path, out: dict) -> str:
+    res = worker(sys.executable, "overlap.py")
+    out["overlap"] = res
+    al, both = res["alone"], res["concurrent_1_thread_each"]
+    rows = [[stage, al[f"{stage}_2_threads"], al[f"{stage}_1_threads"],
+             al[f"{stage}_2_threads"] / al[f"{stage}_1_threads"], both[stage]] for stage in ("harvest", "train")]
+    return ("### Overlapping harvest and training on this CPU: e2e shape (harvest 32 x 128 tokens, train "
+            "d_sae 4096, batch 4096)\n\n" + table(["stage", "tok/s, 2 threads", "tok/s, 1 thread",
+                                                   "thread scaling", "tok/s, both at once (1 thread each)"], rows)
+            + f"\n\nboth at once, as a pipeline (the slower of the two): {res['pipeline_concurrent']:.3g} tok/s; "
+            f"one after the other with 2 threads (1 / (1/h + 1/t)): {res['sequential_2_threads']:.3g} tok/s; "
+            f"the slower stage alone: {res['slower_alone']:.3g} tok/s")
+
+
+def accelerate_launcher(config: str) -> tuple:
+    """`python -m accelerate.commands.launch` arguments for `worker` (a free port per launch)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return ("-m", "accelerate.commands.launch", "--config_file", ROOT / config, "--main_process_port", port)
+
+
+def e2e_launch(steps: str, threads: int, env: dict | None = None, launcher: tuple = (),
+               root: Path | None = None) -> dict:
+    """Steady-state tokens/s of one runner launch (e2e.py reads it off the training log)."""
+    extra = ("--root", root) if root else ()
+    return worker(sys.executable, "e2e.py", "--steps", steps, "--threads", threads, *extra, env=env,
+                  launcher=launcher)
+
+
+def run_distributed(a, tmp: Path, out: dict) -> str:
+    """Data-parallel scaling of the whole runner: 2 processes x 1 thread vs 1 process x 1 thread (one core
+    each), and 1 process x 2 threads (the same two cores, shared by threads instead)."""
+    steps = "8" if a.quick else "16"
+    one = {"OMP_NUM_THREADS": "1"}
+    ddp = accelerate_launcher("accelerate_configs/cpu_2proc.yaml")
+    runs = {"1 process x 1 thread": e2e_launch(steps, 1, one),
+            "2 processes x 1 thread (DDP, gloo)": e2e_launch(steps, 1, {**one, "ACCELERATE_USE_CPU": "1"}, ddp,
+                                                               tmp / "e2e_ddp"),
+            "1 process x 2 threads": e2e_launch(steps, 2)}
+    out["distributed"] = runs
+    base = runs["1 process x 1 thread"]["tokens_per_s"]
+    rows = [[name, r["processes"], r["threads"], r["tokens_per_s"], r["tokens_per_s"] / base] for name, r in runs.items()]
+    scaling = runs["2 processes x 1 thread (DDP, gloo)"]["tokens_per_s"] / base
+    return ("### Data parallel end to end on CPU: the runner (as in End to end), global batch 4096\n\n"
+            "Each row: one launch of 16 steps (8 with --quick); tokens/s from steps 5 to the last, off the "
+            "training log (steady state, harvest refills included).\n\n"
+            + table(["run", "processes", "threads each", "tokens/s", "vs 1 process x 1 thread"], rows)
+            + f"\n\n2 processes / 1 process (one core each): {ok(scaling, TARGETS['scaling'], lower_is_better=False)}")
 
 
 def main() -> None:
