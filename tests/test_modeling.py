@@ -708,6 +708,11 @@ def test_wrong_input_shapes_raise(arch):
             m(bad)
     with pytest.raises(ValueError, match=rf"acts_out has shape .*\[batch, {N_OUT}, {D_MODEL}\]"):
         m(x, y[:, :2])
+    for empty in (x[:0], x[:0].flatten(1)):
+        with pytest.raises(ValueError, match=r"acts_in has no rows .*at least one token"):
+            m(empty)
+        with pytest.raises(ValueError, match=r"acts_in has no rows"):
+            m.encode(empty)
 
 
 # ------------------------------------------------------------------ synthetic recovery

@@ -127,6 +127,8 @@ class Crosscoder(PreTrainedModel):
         if x.dim() != 3 or x.shape[1:] != (n, d):
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [batch, {n * d}] (flat) or "
                              f"[batch, {n}, {d}] for {n} hooks of d_model={d}.")
+        if x.shape[0] == 0:  # else a shape error deep inside the encoder
+            raise ValueError(f"{name} has no rows (shape {tuple(x.shape)}); pass at least one token's activations.")
         return x.to(self.W_enc.dtype)
 
     def _flat_in(self, acts_in: Tensor) -> Tensor:
