@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .activations import ActivationHarvester, load_model_and_tokenizer, mean_norm_stats, torch_dtype
-from .config import HarvestArgs, arg
+from .config import HarvestArgs, arg, check_positive
 from .data import TokenStream
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ class CacheActivationsRunnerConfig(HarvestArgs):
         if not self.new_cached_activations_path:
             raise ValueError("new_cached_activations_path is required: the directory to write the cache to.")
         super().__post_init__()
-        if self.shard_size_tokens <= 0:
-            raise ValueError(f"shard_size_tokens must be positive; got {self.shard_size_tokens}.")
+        check_positive(self, ("shard_size_tokens",))
 
     @property
     def hook_names(self) -> list[str]:
@@ -121,18 +120,22 @@ class CacheActivationsRunner:
                  tokenizer: Any = None) -> None:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
 
+    def _open_tokens(self, tokenizer: Any) -> TokenStream:
+        state = PartialState()
+        self._tokens = TokenStream(self.cfg, tokenizer, state.process_index, state.num_processes)
+        return self._tokens
+
     def run(self) -> Path:
         """Write the cache; returns its directory."""
         cfg, state = self.cfg, PartialState()
         root = Path(cfg.new_cached_activations_path)
         _check_output_dir(root)  # on every process, so none waits for one that failed
-        streams: list[TokenStream] = []  # the dataset is opened (and checked) before the weights load
-        open_tokens = lambda tok: streams.append(TokenStream(cfg, tok, state.process_index, state.num_processes))  # noqa: E731
-        model, tokenizer = self.model, self.tokenizer
-        if model is None:
-            model, tokenizer = load_model_and_tokenizer(cfg, cfg.device or state.device, before_weights=open_tokens)
+        model, tokenizer, self._tokens = self.model, self.tokenizer, None
+        if model is None:  # the dataset is opened (and checked) before the weights load
+            model, tokenizer = load_model_and_tokenizer(cfg, cfg.device or state.device,
+                                                        before_weights=self._open_tokens)
         harvester = ActivationHarvester(model, tokenizer, cfg.hook_names, cfg)
-        tokens = streams[0] if streams else TokenStream(cfg, tokenizer, state.process_index, state.num_processes)
+        tokens = self._tokens or self._open_tokens(tokenizer)
         if state.is_main_process:  # only once the model, hooks and data passed their checks
             root.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()

@@ -101,18 +101,19 @@ def read_checkpoint_meta(path: Path, num_processes: int, cfg=None) -> dict:
         raise ValueError(f"Checkpoint {path} was written by {meta.get('num_processes')} processes but this run "
                          f"has {num_processes}; resume with --num_processes {meta.get('num_processes')} (the "
                          "optimizer and data-position state is per process).")
-    differ = [f"{k}={saved.get(k)!r} (this run: {getattr(cfg, k)!r})" for k in SAME_AS_CHECKPOINT
-              if cfg is not None and saved.get(k) != getattr(cfg, k)]
+    differ = [] if cfg is None else [f"{k}={saved.get(k)!r} (this run: {getattr(cfg, k)!r})"
+                                     for k in SAME_AS_CHECKPOINT if saved.get(k) != getattr(cfg, k)]
     if differ:
         raise ValueError(f"Checkpoint {path} holds another crosscoder: {'; '.join(differ)}. Resume with the "
                          "checkpoint's values, or start a new run in another output_path.")
     return meta
 
 
-def load_checkpoint(path: Path, trainer: CrosscoderTrainer, store) -> None:
-    """Restore optimizer, scheduler, RNG, model, counters and the store position from `path`."""
+def load_checkpoint(path: Path, trainer: CrosscoderTrainer, store, meta: dict | None = None) -> None:
+    """Restore optimizer, scheduler, RNG, model, counters and the store position from `path` (`meta`: its
+    `read_checkpoint_meta`, when the caller has already read it)."""
     acc, st = trainer.accelerator, trainer.state
-    meta = read_checkpoint_meta(path, acc.num_processes)
+    meta = meta if meta is not None else read_checkpoint_meta(path, acc.num_processes)
     try:
         tensors = load_file(path / "trainer_state.safetensors")  # cpu; copied onto the device below
     except UNREADABLE as err:

@@ -93,6 +93,13 @@ def check_range(c: Any, names: tuple[str, ...], low: float, strict: bool = False
             raise ValueError(f"{name} must be {'>' if strict else '>='} {low}; got {value!r}.")
 
 
+def check_positive(c: Any, names: tuple[str, ...]) -> None:
+    """Each named count of `c` is > 0; else a ValueError naming it."""
+    for name in names:
+        if getattr(c, name) <= 0:
+            raise ValueError(f"{name} must be positive; got {getattr(c, name)}.")
+
+
 def validate_hook_args(c: Any) -> None:
     """The `HookArgs` checks (duck-typed): both hook lists given, d_model positive."""
     for name in ("hook_names_in", "hook_names_out"):
@@ -251,9 +258,7 @@ class HarvestArgs(HookArgs):
         from .activations import torch_dtype  # activations is the one place dtype names are parsed
 
         validate_hook_args(self)
-        for name in ("context_size", "training_tokens", "store_batch_size_prompts"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
+        check_positive(self, ("context_size", "training_tokens", "store_batch_size_prompts"))
         torch_dtype(self.dtype)
 
 
@@ -326,12 +331,9 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
         self._validate_run()
 
     def _validate_run(self) -> None:
-        positive = ("train_batch_size_tokens", "n_batches_in_buffer", "dead_feature_window",
-                    "feature_sampling_window", "wandb_log_frequency", "eval_every_n_wandb_logs",
-                    "n_eval_batches", "n_batches_for_norm_estimate")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}.")
+        check_positive(self, ("train_batch_size_tokens", "n_batches_in_buffer", "dead_feature_window",
+                              "feature_sampling_window", "wandb_log_frequency", "eval_every_n_wandb_logs",
+                              "n_eval_batches", "n_batches_for_norm_estimate"))
         check_range(self, ("lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps", "n_checkpoints",
                            "max_grad_norm", "adam_beta1", "adam_beta2"), 0)
         check_range(self, ("lr",), 0, strict=True)

@@ -118,7 +118,7 @@ class LanguageModelCrosscoderTrainingRunner:
         crosscoder = Crosscoder(cfg.crosscoder_config(**store.provenance))
         trainer = CrosscoderTrainer(cfg, crosscoder, acc)
         if resume is not None:  # before touching the scales: the checkpoint's store holds them
-            load_checkpoint(resume, trainer, store)
+            load_checkpoint(resume, trainer, store, meta)
         if acc.is_main_process:  # only now that the model, data and checkpoint passed their checks
             self._prepare_logs(meta)
         # provenance of the training-space model in checkpoints (estimates the scales if not resumed)
