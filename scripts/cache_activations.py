@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from hf_crosscoder.cache import CacheActivationsRunner, CacheActivationsRunnerConfig
-from hf_crosscoder.cli import parse_dataclass
+from hf_crosscoder.cli import parse_dataclass, run_cli
 
 
 def parse_config(argv: list[str] | None = None) -> CacheActivationsRunnerConfig:
@@ -20,8 +20,11 @@ def parse_config(argv: list[str] | None = None) -> CacheActivationsRunnerConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    path = CacheActivationsRunner(parse_config(argv)).run()
-    print(f"activation cache written to {path}")
+    """User errors print one line `error: ...` and exit 2 (`--debug`: the traceback)."""
+    def write(cfg: CacheActivationsRunnerConfig) -> None:
+        print(f"activation cache written to {CacheActivationsRunner(cfg).run()}")
+
+    run_cli(CacheActivationsRunnerConfig, write, argv)
 
 
 if __name__ == "__main__":

@@ -167,9 +167,12 @@ def test_crosscoder_trained_from_a_cache_records_where_the_rows_came_from(tiny_m
                              model_name="EleutherAI/pythia-70m", dataset_path="roneneldan/TinyStories",
                              context_size=128, training_tokens=128, output_path=str(tmp_path / "out"))
     config = LanguageModelCrosscoderTrainingRunner(cfg).run().config
-    assert (config.model_name, config.dataset_path, config.context_size) == (
-        str(tiny_model_dir), str(text_dataset_path), 32)
-    assert str(tiny_model_dir) in (tmp_path / "out" / "README.md").read_text()
+    # named publicly (naming.py): the local model folder by its name, the corpus file by its file name
+    model_folder = tiny_model_dir.rstrip("/").rsplit("/", 1)[-1]
+    assert (config.model_name, config.dataset_path, config.context_size) == (model_folder, "corpus.jsonl", 32)
+    assert config.model_is_local and config.dataset_is_local
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"{model_folder} (from a local folder)" in card and str(tiny_model_dir) not in card
 
 
 def test_a_cache_is_not_created_when_the_model_does_not_match(tiny_model_dir, text_dataset_path, tmp_path):

@@ -12,6 +12,7 @@ from hf_crosscoder.checkpoints import (
     latest_checkpoint,
     read_checkpoint_meta,
     resolve_checkpoint,
+    resume_request,
 )
 
 
@@ -47,9 +48,36 @@ def test_latest_checkpoint_is_the_highest_step_and_ignores_temporary_dirs(tmp_pa
     assert resolve_checkpoint(None, tmp_path) is None
 
 
+# transformers' Trainer convention: True = the latest checkpoint; the CLI passes strings
+@pytest.mark.parametrize("value", [True, "true", "True", "latest", "LATEST"])
+def test_resolve_true_and_latest_mean_the_newest_checkpoint(tmp_path, value):
+    for step in (2, 10):
+        _complete(tmp_path / f"step_{step}", step)
+    assert resolve_checkpoint(value, tmp_path) == tmp_path / "step_10"
+
+
+@pytest.mark.parametrize("value", [None, False, "false", "False", "none", ""])
+def test_resolve_false_and_none_mean_start_fresh(tmp_path, value):
+    _complete(tmp_path / "step_2", 2)
+    assert resume_request(value) is None
+    assert resolve_checkpoint(value, tmp_path) is None
+
+
+def test_resolve_a_path_and_refuse_other_types(tmp_path):
+    path = _complete(tmp_path / "step_4", 4)
+    assert resolve_checkpoint(str(path), tmp_path / "elsewhere") == path
+    assert resolve_checkpoint(path, tmp_path / "elsewhere") == path  # a pathlib.Path as well
+    with pytest.raises(ValueError, match="must be True/False, 'latest' or a checkpoint path"):
+        resolve_checkpoint(3, tmp_path)
+
+
 def test_resolve_refuses_missing_and_incomplete_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint found"):
         resolve_checkpoint("latest", tmp_path)
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        resolve_checkpoint(True, tmp_path)  # an empty checkpoint folder
+    with pytest.raises(ValueError, match="missing or incomplete"):
+        resolve_checkpoint(str(tmp_path / "step_99"), tmp_path)  # a path that does not exist
     partial = _complete(tmp_path / "step_3")
     (partial / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="incomplete.*model.safetensors"):

@@ -1,6 +1,9 @@
 """The CLI is the config dataclass: seed flags, --config files and the Python API agree."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -65,3 +68,37 @@ def test_every_field_is_a_flag_with_help():
     for field in dataclasses.fields(LanguageModelCrosscoderRunnerConfig):
         assert field.name in actions
         assert actions[field.name].help, f"--{field.name} has no help text"
+
+
+def _seed_cli(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    """The seed's command line, as a user runs it (a fresh interpreter, warnings shown)."""
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    return subprocess.run([sys.executable, "-m", "hf_crosscoder.llm_crosscoder_training_runner", *flags],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+
+def _tiny_flags(tiny_model_dir, text_dataset_path, tmp_path) -> list[str]:
+    return ["--model_name", tiny_model_dir, "--dataset_path", text_dataset_path, "--d_model", "64",
+            "--hook_names_in", "blocks.0.hook_resid_post", "--hook_names_out", "blocks.1.hook_resid_post",
+            "--output_path", str(tmp_path / "out"), "--device", "cpu"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--d_model", "999"], "error: d_model=999 does not match the hidden size 64"),
+    (["--hook_names_in", "blocks.0.hook_resid_psot"], "error: Unknown hook name 'blocks.0.hook_resid_psot'"),
+    (["--dataset_path", "./no_such_corpus.jsonl"], "error: dataset_path ./no_such_corpus.jsonl does not exist"),
+    (["--architecture", "nope"], "error: Unknown architecture 'nope'"),
+])
+def test_user_errors_print_one_line_and_exit_2(tiny_model_dir, text_dataset_path, tmp_path, bad, message):
+    proc = _seed_cli(tmp_path, *_tiny_flags(tiny_model_dir, text_dataset_path, tmp_path), *bad)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(tiny_model_dir, text_dataset_path, tmp_path):
+    proc = _seed_cli(tmp_path, *_tiny_flags(tiny_model_dir, text_dataset_path, tmp_path), "--d_model", "999",
+                     "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert "ValueError: d_model=999 does not match" in proc.stderr

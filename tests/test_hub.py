@@ -15,7 +15,6 @@ from hf_crosscoder import Crosscoder, CrosscoderConfig
 from hf_crosscoder.hub import (
     INDEX_MARKER,
     build_model_card,
-    hub_id,
     push_crosscoder_to_hub,
     push_folder_to_hub,
     save_for_hub,
@@ -212,11 +211,13 @@ def test_model_card_renders_metadata_tables_and_metrics(tmp_path):
 def test_card_without_metrics_and_local_model(tmp_path):
     cc = tiny(12, model_name=str(tmp_path), dataset_path="data.txt", architecture="batchtopk_crosscoder", k=4)
     card = build_model_card(cc, command="accelerate launch scripts/train.py --config run.yaml")
-    assert "base_model" not in card.data.to_dict() and "datasets" not in card.data.to_dict()
+    # a local model folder without a known Hub id is named by its folder name, never its path; a local data
+    # file is no Hub dataset
+    assert card.data.to_dict()["base_model"] == tmp_path.name and "datasets" not in card.data.to_dict()
+    assert str(tmp_path) not in str(card) and f"{tmp_path.name} (from a local folder)" in card.text
     assert "No evaluation metrics were recorded" in card.text and "| CE loss clean | n/a |" in card.text
     assert "accelerate launch scripts/train.py --config run.yaml" in card.text
     assert "| k | 4 |" in card.text and "inference threshold" in card.text
-    assert hub_id("EleutherAI/pythia-70m") and not hub_id(str(tmp_path)) and not hub_id("gpt2")
 
 
 def test_save_for_hub_writes_folder_and_refuses_unfolded(tmp_path):

@@ -1,7 +1,9 @@
 """End to end on a tiny random GPT-NeoX: train, evaluate, save, reload, resume, bad input."""
 
+import dataclasses
 import json
 import math
+import shlex
 import shutil
 import time
 
@@ -255,3 +257,28 @@ def test_resume_into_same_output_logs_each_step_once(tiny_model_dir, text_datase
         assert logged == steps, name
     again = load_file(tmp_path / "run" / "model.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.parametrize("how", ["api_True", "cli_True", "cli_latest"])
+def test_resume_true_continues_an_interrupted_run_in_place(how, tiny_model_dir, text_dataset_path, tmp_path):
+    """`resume_from_checkpoint=True` (transformers' Trainer convention) and `--resume_from_checkpoint True`
+    pick the newest checkpoint of the interrupted run's own output folder and finish it exactly."""
+    from hf_crosscoder.cli import reproduce_command
+    from hf_crosscoder.llm_crosscoder_training_runner import main
+
+    common = dict(architecture="topk_crosscoder", k=8, training_tokens=64 * 16, n_checkpoints=1,
+                  wandb_log_frequency=4, eval_every_n_wandb_logs=2)
+    full = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "a"), **common)
+    LanguageModelCrosscoderTrainingRunner(full).run()
+    interrupted = tmp_path / "b"  # as a run killed after its step-8 checkpoint leaves it
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_8", interrupted / "checkpoints" / "step_8")
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(interrupted), **common)
+    if how == "api_True":
+        LanguageModelCrosscoderTrainingRunner(dataclasses.replace(cfg, resume_from_checkpoint=True)).run()
+    else:
+        argv = shlex.split(reproduce_command(cfg).replace("\\\n", " "))[3:]
+        main([*argv, "--resume_from_checkpoint", "True" if how == "cli_True" else "latest"])
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

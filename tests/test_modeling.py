@@ -81,7 +81,8 @@ def naive(m: Crosscoder, x: torch.Tensor, y: torch.Tensor | None = None, dead=No
         else:
             dn[s] = l2(W_dec[s].flatten())
     relu = lambda v: max(float(v), 0.0)  # noqa: E731
-    score = lambda b, s: relu(h[b, s]) * float(dn[s])  # noqa: E731
+    rank = dn if c.topk_ranking == "decoder_scaled" else torch.ones_like(dn)
+    score = lambda b, s: relu(h[b, s]) * float(rank[s])  # noqa: E731
 
     f = torch.zeros(B, S, dtype=F64)
     t = None
@@ -187,7 +188,10 @@ CASES = [
     ("jumprelu_crosscoder", {"jumprelu_sparsity": "tanh", "jumprelu_pre_act_latents": "none"}),
     ("topk_crosscoder", {}),
     ("topk_crosscoder", {"sparsity_decoder_norm": "concat", "k_aux": 2}),
+    ("topk_crosscoder", {"topk_ranking": "pre_activation"}),
     ("batchtopk_crosscoder", {"mode": "train"}),
+    ("batchtopk_crosscoder", {"mode": "train", "topk_ranking": "pre_activation"}),
+    ("batchtopk_crosscoder", {"mode": "eval_threshold", "topk_ranking": "pre_activation"}),
     ("batchtopk_crosscoder", {"mode": "eval_threshold"}),
     ("batchtopk_crosscoder", {"mode": "eval_before_training", "sparsity_decoder_norm": "concat"}),
 ]
@@ -207,7 +211,8 @@ def test_forward_matches_naive_reference(arch, kw):
     if mode == "eval_threshold":
         ref = naive(m, x)
         with torch.no_grad():  # a threshold between the smallest and the largest decoder-scaled activation
-            m.threshold.fill_(float((torch.relu(ref["h"]) * ref["dn"]).quantile(0.6)))
+            rank = ref["dn"] if m.config.topk_ranking == "decoder_scaled" else 1.0
+            m.threshold.fill_(float((torch.relu(ref["h"]) * rank).quantile(0.6)))
     m.train(mode == "train")
     assert m.architecture_name == arch and type(m) is ARCHITECTURES[arch]
     for dead_name, dead in DEAD_MASKS.items():

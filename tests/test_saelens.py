@@ -122,21 +122,42 @@ def test_import_folds_apply_b_dec_to_input(tmp_path):
     torch.testing.assert_close(cc(x).reconstruction, saelens_forward(tmp_path, x), rtol=1e-5, atol=1e-5)
 
 
-def test_import_topk_without_decoder_rescaling_needs_uniform_norms(tmp_path):
+def test_import_saelens_default_topk_ranks_raw_pre_activations(tmp_path):
+    """SAELens's own TopK training writes rescale_acts_by_decoder_norm=False and decoder rows of unequal
+    norm: it imports as topk_ranking='pre_activation' with identical outputs."""
     torch.manual_seed(2)
-    W_dec = torch.randn(S, D)
-    save_file({"W_enc": torch.randn(D, S), "W_dec": W_dec, "b_enc": torch.zeros(S), "b_dec": torch.zeros(D)},
+    W_dec = torch.randn(S, D) * torch.linspace(0.1, 3.0, S)[:, None]  # very unequal row norms
+    save_file({"W_enc": torch.randn(D, S), "W_dec": W_dec, "b_enc": torch.randn(S) * 0.1, "b_dec": torch.randn(D)},
               tmp_path / "sae_weights.safetensors")
     cfg = {"architecture": "topk", "d_in": D, "d_sae": S, "k": 4, "rescale_acts_by_decoder_norm": False,
-           "apply_b_dec_to_input": False, "metadata": {"sae_lens_version": "6.1.0", "hook_name": "blocks.0.hook_mlp_out"}}
+           "apply_b_dec_to_input": True, "metadata": {"sae_lens_version": "6.1.0", "hook_name": "blocks.0.hook_mlp_out"}}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm"):
-        import_from_saelens(tmp_path)
-    save_file({"W_enc": torch.randn(D, S), "W_dec": W_dec / W_dec.norm(dim=-1, keepdim=True),
-               "b_enc": torch.zeros(S), "b_dec": torch.zeros(D)}, tmp_path / "sae_weights.safetensors")
-    x = torch.randn(20, D)
-    torch.testing.assert_close(import_from_saelens(tmp_path)(x).reconstruction, saelens_forward(tmp_path, x),
-                               rtol=1e-5, atol=1e-5)
+    cc = import_from_saelens(tmp_path)
+    assert cc.config.topk_ranking == "pre_activation"
+    x = torch.randn(200, D)
+    # float32 rounding of the folded b_dec (decoder rows of norm up to ~12 here): 1e-4
+    torch.testing.assert_close(cc(x).reconstruction, saelens_forward(tmp_path, x), rtol=1e-4, atol=1e-4)
+    # and the ranking matters here: decoder-scaled ranking picks other latents
+    other = import_from_saelens(tmp_path)
+    other.config.topk_ranking = "decoder_scaled"
+    assert not torch.equal(other(x).feature_acts != 0, cc(x).feature_acts != 0)
+
+
+def test_pre_activation_topk_exports_without_rescaling(tmp_path):
+    torch.manual_seed(3)
+    cc = Crosscoder(CrosscoderConfig(architecture="topk_crosscoder", topk_ranking="pre_activation", d_model=D,
+                                     d_sae=S, k=4, hook_names_in=["blocks.0.hook_resid_post"],
+                                     hook_names_out=["blocks.0.hook_resid_post"]))
+    with torch.no_grad():
+        cc.W_dec.mul_(torch.linspace(0.1, 3.0, S)[:, None, None])
+    export_to_saelens(cc.eval(), tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["rescale_acts_by_decoder_norm"] is False
+    x = torch.randn(100, D)
+    torch.testing.assert_close(saelens_forward(tmp_path, x), cc(x).reconstruction, rtol=1e-5, atol=1e-5)
+    back = import_from_saelens(tmp_path)
+    assert back.config.topk_ranking == "pre_activation"
+    assert torch.equal(back(x).reconstruction, cc(x).reconstruction)
 
 
 def test_multi_hook_and_unfolded_export_refused(tmp_path):

@@ -3,7 +3,6 @@
 from .activations import ActivationsStore
 from .cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 from .config import CrosscoderArgs, CrosscoderConfig, LanguageModelCrosscoderRunnerConfig
-from .llm_crosscoder_training_runner import LanguageModelCrosscoderTrainingRunner
 from .modeling import ARCHITECTURES, Crosscoder, CrosscoderOutput
 
 __all__ = [
@@ -18,3 +17,13 @@ __all__ = [
     "LanguageModelCrosscoderRunnerConfig",
     "LanguageModelCrosscoderTrainingRunner",
 ]
+
+
+def __getattr__(name: str):
+    # imported on first use, not here: `python -m hf_crosscoder.llm_crosscoder_training_runner` runs that
+    # module as __main__, and a copy already imported by the package makes runpy warn on every launch
+    if name == "LanguageModelCrosscoderTrainingRunner":
+        from .llm_crosscoder_training_runner import LanguageModelCrosscoderTrainingRunner
+
+        return LanguageModelCrosscoderTrainingRunner
+    raise AttributeError(f"module 'hf_crosscoder' has no attribute {name!r}")

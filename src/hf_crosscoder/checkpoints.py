@@ -71,11 +71,32 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def resolve_checkpoint(resume: str | None, root: str | os.PathLike) -> Path | None:
-    """Turn `resume_from_checkpoint` ('latest' or a path) into a validated directory, before any work."""
-    if not resume:
+LATEST = ("latest", "true")
+NO_RESUME = ("", "false", "none")
+
+
+def resume_request(resume: str | bool | os.PathLike | None) -> str | None:
+    """`resume_from_checkpoint` as transformers' Trainer reads it: None/False (or the strings 'false',
+    'none', '') = start fresh, True (or 'true' / 'latest', any case) = "latest", anything else a path."""
+    if resume is None or resume is False:
         return None
-    path = latest_checkpoint(root) if resume.lower() in ("latest", "true") else Path(resume)
+    if resume is True:
+        return "latest"
+    if not isinstance(resume, (str, os.PathLike)):
+        raise ValueError(f"resume_from_checkpoint={resume!r} must be True/False, 'latest' or a checkpoint path.")
+    text = os.fspath(resume)
+    if text.strip().lower() in NO_RESUME:
+        return None
+    return "latest" if text.strip().lower() in LATEST else text
+
+
+def resolve_checkpoint(resume: str | bool | os.PathLike | None, root: str | os.PathLike) -> Path | None:
+    """Turn `resume_from_checkpoint` (True / 'latest' or a path, see `resume_request`) into a validated
+    directory, before any work."""
+    request = resume_request(resume)
+    if request is None:
+        return None
+    path = latest_checkpoint(root) if request == "latest" else Path(request)
     if path is None:
         raise ValueError(f"resume_from_checkpoint={resume!r}: no checkpoint found in {root}; train without "
                          "resume_from_checkpoint or point it at a checkpoints/step_N directory.")

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ from transformers import HfArgumentParser
 from .config import LanguageModelCrosscoderRunnerConfig
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _read_config_file(path: str) -> dict:
@@ -48,6 +50,25 @@ def parse_dataclass(cls: type[T], argv: list[str] | None = None) -> T:
     namespace = parser.parse_args(argv)
     fields = {k: v for k, v in vars(namespace).items() if k != "config"}
     return cls(**fields)
+
+
+USER_ERRORS = (ValueError, OSError, FloatingPointError)  # raised with a message that names the fix
+
+
+def run_cli(cls: type[T], fn: Callable[[T], R], argv: list[str] | None = None) -> R:
+    """Parse `argv` into `cls` and call `fn` on it. User errors print `error: <message>` on stderr and exit
+    with status 2 (as argparse does for a bad flag); `--debug` anywhere in argv re-raises them instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return fn(parse_dataclass(cls, argv))
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def parse_runner_config(argv: list[str] | None = None) -> LanguageModelCrosscoderRunnerConfig:

@@ -50,6 +50,10 @@ class CrosscoderArgs(HookArgs):
                                      "'sum' of per-layer L2 norms (Anthropic crosscoder) or 'concat' "
                                      "(L2 of the concatenation: an SAE on the stacked layers).")
     k: int = arg(32, "Active latents per token for topk_crosscoder (batchtopk: on average).")
+    topk_ranking: str = arg("decoder_scaled", "How TopK/BatchTopK rank latents: 'decoder_scaled' = "
+                            "relu(h) * decoder norm (selection does not drift with the decoder's scale), or "
+                            "'pre_activation' = raw h (SAELens with rescale_acts_by_decoder_norm=False, "
+                            "sparsify).")
     k_aux: int | None = arg(None, "Dead latents used by the AuxK loss; default d_model // 2 per output "
                             "layer (n_out * d_model // 2), capped at d_sae.")
     aux_coefficient: float = arg(1 / 32, "Weight of the AuxK loss (TopK/BatchTopK).")
@@ -73,6 +77,7 @@ ARG_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not datacla
 SPARSITY_DECODER_NORMS = ("sum", "concat")
 JUMPRELU_SPARSITIES = ("step", "tanh")
 PRE_ACT_LATENTS = ("dead", "all", "none")
+TOPK_RANKINGS = ("decoder_scaled", "pre_activation")
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -139,6 +144,7 @@ def validate_crosscoder_args(c: Any) -> None:
     _choice("sparsity_decoder_norm", c.sparsity_decoder_norm, SPARSITY_DECODER_NORMS)
     _choice("jumprelu_sparsity", c.jumprelu_sparsity, JUMPRELU_SPARSITIES)
     _choice("jumprelu_pre_act_latents", c.jumprelu_pre_act_latents, PRE_ACT_LATENTS)
+    _choice("topk_ranking", c.topk_ranking, TOPK_RANKINGS)
 
 
 class CrosscoderConfig(PretrainedConfig):
@@ -152,8 +158,10 @@ class CrosscoderConfig(PretrainedConfig):
 
     model_type = "crosscoder"
     PROVENANCE = {
-        "model_name": None,
+        "model_name": None,  # public names (naming.py): Hub ids, else a folder / file name, never a path
         "dataset_path": None,
+        "model_is_local": None,  # the weights / data came from a local folder or file
+        "dataset_is_local": None,
         "context_size": None,
         "training_tokens": None,
         "activation_scale_in": None,   # per-hook scalars the training activations were multiplied by
@@ -210,9 +218,15 @@ class CrosscoderConfig(PretrainedConfig):
         out["d_in"], out["d_out"] = self.d_in, self.d_out  # written for readers; re-derived on load
         return out
 
+    # PretrainedConfig's task defaults that mean nothing for a crosscoder (labels, chunking, output flags);
+    # left out of config.json, PretrainedConfig restores them on load
+    UNUSED_PRETRAINED_KEYS = ("id2label", "label2id", "problem_type", "chunk_size_feed_forward",
+                              "is_encoder_decoder", "output_hidden_states", "output_attentions", "return_dict",
+                              "_name_or_path")
+
     def to_diff_dict(self) -> dict[str, Any]:
         # config.json is the provenance record: write every field, not only those differing from defaults
-        return self.to_dict()
+        return {k: v for k, v in self.to_dict().items() if k not in self.UNUSED_PRETRAINED_KEYS}
 
 
 NORMALIZATIONS = ("none", "expected_average")
@@ -227,6 +241,9 @@ class HarvestArgs(HookArgs):
 
     # --- model ---
     model_name: str = arg("EleutherAI/pythia-70m", "Hub id or local directory of the transformers model.")
+    base_model_id: str | None = arg(None, "Hub id of the model, for the model card's base_model when "
+                                    "model_name is a local folder (default: read from the folder's model card "
+                                    "or config, else its folder name).")
     model_class_name: str = arg("AutoModelForCausalLM", "transformers Auto class that loads it "
                                 "(AutoModel for encoders such as BERT).")
     dtype: str = arg("float32", "dtype of the frozen model, and of the activations a cache writes "
@@ -308,8 +325,8 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
     n_eval_batches: int = arg(10, "Harvest batches per eval.")
     n_checkpoints: int = arg(0, "Checkpoints spaced over training (one more is written at the end).")
     checkpoint_path: str | None = arg(None, "Checkpoint directory; default OUTPUT_PATH/checkpoints.")
-    resume_from_checkpoint: str | None = arg(None, "A checkpoint directory, or 'latest' for the newest "
-                                             "one in checkpoint_path.")
+    resume_from_checkpoint: str | None = arg(None, "A checkpoint directory, or True / 'latest' for the "
+                                             "newest one in checkpoint_path (False: start fresh).")
     output_path: str = arg("crosscoder_output", "Where the trained crosscoder, config and metrics go.")
     overwrite_output: bool = arg(False, "Allow writing into a non-empty output_path.")
     # --- speed ---

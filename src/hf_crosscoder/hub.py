@@ -31,6 +31,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
 from .config import ARG_DEFAULTS, CrosscoderConfig
+from .naming import public_dataset_name, public_model_name
 
 LIBRARY_NAME = "hf_crosscoder"
 BASE_TAGS = ("crosscoder", "sparse-autoencoder", "interpretability")
@@ -41,8 +42,6 @@ RUNNER_MODULE = "hf_crosscoder.llm_crosscoder_training_runner"
 UPLOAD_PATTERNS = ("*.safetensors", "*.json", "*.png", "*.yaml", "*.yml", "README.md")
 INDEX_MARKER = "<!-- hf_crosscoder:index -->"  # marks a root card we generated (and may regenerate)
 
-# Hub ids are "org/name"; a bare "gpt2" is ambiguous with a local folder, so it is not claimed as base_model
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 _ARCH_KEYS = {
@@ -51,8 +50,8 @@ _ARCH_KEYS = {
     "jumprelu_crosscoder": ("l1_coefficient", "jumprelu_sparsity", "jumprelu_bandwidth", "jumprelu_init_threshold",
                             "jumprelu_tanh_scale", "jumprelu_pre_act_coefficient", "jumprelu_pre_act_latents",
                             "sparsity_decoder_norm"),
-    "topk_crosscoder": ("k", "k_aux", "aux_coefficient"),
-    "batchtopk_crosscoder": ("k", "k_aux", "aux_coefficient", "batchtopk_threshold_momentum"),
+    "topk_crosscoder": ("k", "topk_ranking", "k_aux", "aux_coefficient"),
+    "batchtopk_crosscoder": ("k", "topk_ranking", "k_aux", "aux_coefficient", "batchtopk_threshold_momentum"),
 }
 
 _PER_HOOK_COLUMNS = (
@@ -131,13 +130,6 @@ subfolder; each subfolder has its own model card (hooks, hyper-parameters, evalu
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def hub_id(name: str | None) -> str | None:
-    """`name` when it looks like a Hub id ("org/name") and is not an existing local path, else None."""
-    if not name or Path(name).exists() or not _HUB_ID.match(name) or "--" in name or ".." in name:
-        return None
-    return name
-
-
 def _layer_of(hook: str) -> int | None:
     match = _LAYER.search(hook)
     return int(match[1]) if match else None
@@ -226,10 +218,19 @@ def _hyper_table(crosscoder: Any) -> str:
     return table + "\n\n" + _normalization_note(crosscoder.config)
 
 
+def _source_label(name: str | None, kind: str, config: Any) -> str | None:
+    """The public name of the model or dataset, saying when it came from a local folder or file."""
+    if not name:
+        return name
+    public, local = public_model_name(name) if kind == "model" else public_dataset_name(name)
+    local = local or bool(getattr(config, f"{kind}_is_local", False))
+    return f"{public} (from a local {'folder' if kind == 'model' else 'file or folder'})" if local else public
+
+
 def _training_table(config: Any, run_config: Mapping[str, Any] | None) -> str:
     run = dict(run_config or {})
-    rows = [("model", _fmt(config.model_name or run.get("model_name"))),
-            ("dataset", _fmt(config.dataset_path or run.get("dataset_path"))),
+    rows = [("model", _fmt(_source_label(config.model_name or run.get("model_name"), "model", config))),
+            ("dataset", _fmt(_source_label(config.dataset_path or run.get("dataset_path"), "dataset", config))),
             ("context size", _fmt(config.context_size or run.get("context_size"))),
             ("tokens trained", _fmt(config.training_tokens or run.get("training_tokens")))]
     for key in ("train_batch_size_tokens", "lr", "lr_scheduler_name", "l1_warmup_steps", "seed"):
@@ -278,7 +279,8 @@ def _command(command: str | None, run_config: Mapping[str, Any] | None, config: 
 def _usage(config: Any, repo_id: str | None, subfolder: str | None) -> str:
     where = json.dumps(repo_id or "<repo id or local folder>")
     sub = f", subfolder={json.dumps(subfolder)}" if subfolder else ""
-    model = json.dumps(config.model_name or "<the model it was trained on>")
+    name = public_model_name(config.model_name)[0] if config.model_name else None
+    model = json.dumps(name or "<the model it was trained on>")
     return (f"from hf_crosscoder import Crosscoder\n"
             f"from hf_crosscoder.usage import feature_activations, spliced\n\n"
             f"crosscoder = Crosscoder.from_pretrained({where}{sub})\n"
@@ -289,11 +291,14 @@ def _usage(config: Any, repo_id: str | None, subfolder: str | None) -> str:
 
 
 def card_data_for(config: Any, license: str = DEFAULT_LICENSE) -> ModelCardData:
-    """Metadata: library_name, base_model / datasets when they are Hub ids, tags, license."""
+    """Metadata: library_name, base_model (the model's public name: naming.py), datasets when it is a Hub
+    dataset, tags, license."""
     tags = [*BASE_TAGS, config.architecture]
-    dataset = hub_id(config.dataset_path)
-    return ModelCardData(library_name=LIBRARY_NAME, base_model=hub_id(config.model_name),
-                         datasets=[dataset] if dataset else None, tags=tags, license=license)
+    model = public_model_name(config.model_name)[0] if config.model_name else None
+    dataset, local = public_dataset_name(config.dataset_path)
+    hub_dataset = dataset if dataset and not local and not getattr(config, "dataset_is_local", False) else None
+    return ModelCardData(library_name=LIBRARY_NAME, base_model=model,
+                         datasets=[hub_dataset] if hub_dataset else None, tags=tags, license=license)
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -309,7 +314,8 @@ def build_model_card(crosscoder: Any, metrics: Mapping[str, Any] | None = None,
     """
     config = crosscoder.config
     hooks = ", ".join(dict.fromkeys([*config.hook_names_in, *config.hook_names_out]))
-    on_model = f" on {config.model_name}" if config.model_name else ""
+    model = public_model_name(config.model_name)[0] if config.model_name else None
+    on_model = f" on {model}" if model else ""
     kind = crosscoder_kind(config)
     summary = (f"{_article(kind)} {kind} ({config.architecture}, {config.d_sae:,} latents) trained"
                f"{on_model} with `hf_crosscoder`. "

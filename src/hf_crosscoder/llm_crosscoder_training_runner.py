@@ -25,12 +25,14 @@ from .checkpoints import (
     load_checkpoint,
     read_checkpoint_meta,
     resolve_checkpoint,
+    resume_request,
     save_checkpoint,
 )
 from .cli import reproduce_command
 from .config import LanguageModelCrosscoderRunnerConfig
 from .evals import evaluate, scalar_metrics
 from .modeling import Crosscoder
+from .naming import public_path, public_provenance
 from .trainer import CrosscoderTrainer, StopTraining, install_signal_handlers
 
 LOG_FILES = ("training_log.jsonl", "eval_log.jsonl")
@@ -78,24 +80,24 @@ class LanguageModelCrosscoderTrainingRunner:
     # ------------------------------------------------------------------ checks before expensive work
     def _check_output_path(self) -> None:
         cfg = self.cfg
-        resuming = bool(cfg.resume_from_checkpoint)
+        resuming = resume_request(cfg.resume_from_checkpoint) is not None
         if self.output_path.exists() and not self.output_path.is_dir():
             raise ValueError(f"output_path {self.output_path} is a file; choose a directory.")
         existing = [p.name for p in self.output_path.iterdir()] if self.output_path.is_dir() else []
         if existing and existing != ["checkpoints"] and not (resuming or cfg.overwrite_output):
             raise ValueError(f"output_path {self.output_path} is not empty ({', '.join(sorted(existing)[:5])}); "
                              "choose a new output_path, pass --overwrite_output, or --resume_from_checkpoint latest.")
-        try:
-            self.output_path.mkdir(parents=True, exist_ok=True)
-            probe = self.output_path / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise ValueError(f"output_path {self.output_path} is not writable ({err}); choose another.") from err
+        # writable, checked without creating anything: a run that fails its checks leaves no empty folder
+        ancestor = next(p for p in (self.output_path.absolute(), *self.output_path.absolute().parents) if p.exists())
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(f"output_path {self.output_path} is not writable (no write permission in "
+                             f"{ancestor}); choose another.")
 
     def _prepare_logs(self, meta: dict | None) -> None:
-        """A resumed run drops the interrupted run's rows after its checkpoint; a fresh run over an old
-        output (overwrite_output) starts new logs and plots."""
+        """Create output_path (only now that the model, data and checkpoint passed their checks). A resumed
+        run drops the interrupted run's rows after its checkpoint; a fresh run over an old output
+        (overwrite_output) starts new logs and plots."""
+        self.output_path.mkdir(parents=True, exist_ok=True)
         if meta is not None:
             _drop_logged_steps_after(self.output_path, meta["step"])
         elif self.cfg.overwrite_output:
@@ -115,7 +117,7 @@ class LanguageModelCrosscoderTrainingRunner:
         acc.wait_for_everyone()
         set_seed(cfg.seed)
         store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
-        crosscoder = Crosscoder(cfg.crosscoder_config(**store.provenance))
+        crosscoder = Crosscoder(cfg.crosscoder_config(**self._provenance(store)))
         trainer = CrosscoderTrainer(cfg, crosscoder, acc)
         if resume is not None:  # before touching the scales: the checkpoint's store holds them
             load_checkpoint(resume, trainer, store, meta)
@@ -143,6 +145,23 @@ class LanguageModelCrosscoderTrainingRunner:
             restore_signals()
             bar.close()
         return self._finish(trainer, store)
+
+    def _provenance(self, store) -> dict:
+        """What config.json records the crosscoder was trained on: an activation cache's own model, data and
+        context size when training from one, named publicly (Hub ids, never machine paths)."""
+        cfg, cached = self.cfg, store.provenance
+        source = {"model_name": cfg.model_name, "dataset_path": cfg.dataset_path, **cached}
+        return {**cached, **public_provenance(source["model_name"], source["dataset_path"], cfg.base_model_id)}
+
+    def _public_config(self, crosscoder: Crosscoder) -> LanguageModelCrosscoderRunnerConfig:
+        """The run's config as the model card shows it (reproduce command, full configuration): the model
+        and data by their public names, the run's own folders by their names, no resume."""
+        c, cfg = crosscoder.config, self.cfg
+        return dataclasses.replace(cfg, model_name=c.model_name, dataset_path=c.dataset_path,
+                                   output_path=public_path(cfg.output_path),
+                                   checkpoint_path=public_path(cfg.checkpoint_path),
+                                   cached_activations_path=public_path(cfg.cached_activations_path),
+                                   resume_from_checkpoint=None, overwrite_output=False)
 
     def _checkpoint(self, trainer: CrosscoderTrainer, store) -> None:
         path = save_checkpoint(self.checkpoint_root, trainer, store)
@@ -196,8 +215,9 @@ class LanguageModelCrosscoderTrainingRunner:
         (out / "runner_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         _draw_plots(out, final)
-        save_for_hub(final, out, metrics=scalar_metrics(metrics), run_config=dataclasses.asdict(cfg),
-                     command=reproduce_command(cfg))
+        public = self._public_config(final)
+        save_for_hub(final, out, metrics=scalar_metrics(metrics), run_config=dataclasses.asdict(public),
+                     command=reproduce_command(public))
         if cfg.push_to_hub:
             push_folder_to_hub(out, cfg.hf_repo_id, private=cfg.hub_private)
 
@@ -255,14 +275,19 @@ def _for_wandb(metrics: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> Crosscoder:
-    from .cli import parse_runner_config, print_metrics_table
+    """The seed's command line. A user error (any ValueError or OSError of the checks, e.g. a wrong
+    --d_model or a missing dataset) prints one line `error: ...` and exits with status 2; `--debug` shows
+    the traceback instead."""
+    from .cli import print_metrics_table, run_cli
 
-    cfg = parse_runner_config(argv)
-    crosscoder = LanguageModelCrosscoderTrainingRunner(cfg).run()
-    metrics_file = Path(cfg.output_path) / "metrics.json"
-    if metrics_file.exists():
-        print_metrics_table(json.loads(metrics_file.read_text()))
-    return crosscoder
+    def train(cfg: LanguageModelCrosscoderRunnerConfig) -> Crosscoder:
+        crosscoder = LanguageModelCrosscoderTrainingRunner(cfg).run()
+        metrics_file = Path(cfg.output_path) / "metrics.json"
+        if metrics_file.exists():
+            print_metrics_table(json.loads(metrics_file.read_text()))
+        return crosscoder
+
+    return run_cli(LanguageModelCrosscoderRunnerConfig, train, argv)
 
 
 if __name__ == "__main__":

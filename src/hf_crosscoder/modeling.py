@@ -561,7 +561,13 @@ class JumpReLUCrosscoder(Crosscoder):
 @register("topk_crosscoder")
 class TopKCrosscoder(Crosscoder):
     """k latents per token, ranked by decoder-scaled activation relu(h) * dn (raw h would drift with the
-    decoder's scale); decoded by a sparse gather. No sparsity term; AuxK on dead latents."""
+    decoder's scale), or by raw h with topk_ranking='pre_activation'; decoded by a sparse gather. No
+    sparsity term; AuxK on dead latents."""
+
+    def rank_scale(self, dn: Tensor) -> Tensor:
+        """Per-latent factor of the ranking score relu(h) * factor: the decoder norms ('decoder_scaled'), or
+        ones ('pre_activation': raw h, as SAELens with rescale_acts_by_decoder_norm=False and sparsify)."""
+        return dn if self.config.topk_ranking == "decoder_scaled" else torch.ones_like(dn)
 
     def _select_rows(self, scores: Tensor):
         """This chunk of rows' part of the selection: the k best latents of each row."""
@@ -583,6 +589,7 @@ class TopKCrosscoder(Crosscoder):
         the dense feature_acts output."""
         c, dev = self.config, x.device
         batch, W_enc, W_dec = x.shape[0], self.W_enc.flatten(0, 1), self.W_dec.flatten(1)
+        dn = self.rank_scale(dn)
         n_dead = 0 if dead_mask is None else int(dead_mask.sum())
         k_aux = min(c.k_aux, n_dead)
         aux_parts = []

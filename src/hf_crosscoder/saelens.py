@@ -19,7 +19,8 @@ both in metadata, where SAELens 6 reads it, and at the top level, where earlier 
 had it). Mapping: crosscoder -> standard | transcoder; skip_crosscoder -> skip_transcoder;
 jumprelu_crosscoder -> jumprelu | jumprelu_transcoder (threshold = relu(theta)); topk_crosscoder -> topk
 with rescale_acts_by_decoder_norm=True (SAELens then ranks h * ||W_dec||, our relu(h) * decoder norm: the
-same latents; its feature activations are ours times ||W_dec||, its decode divides them back);
+same latents; its feature activations are ours times ||W_dec||, its decode divides them back), or, for
+topk_ranking='pre_activation', rescale_acts_by_decoder_norm=False (both rank raw h: SAELens's default);
 batchtopk_crosscoder -> jumprelu (as SAELens saves BatchTopK), per-latent threshold = our decoder-scaled
 threshold / decoder norm.
 
@@ -94,7 +95,7 @@ def _batchtopk_threshold(crosscoder: Crosscoder) -> Tensor:
     if t < 0:
         raise ValueError("This batchtopk_crosscoder has no inference threshold yet (it is estimated during "
                          "training); train it before exporting.")
-    dn = crosscoder.decoder_norms().detach()
+    dn = crosscoder.rank_scale(crosscoder.decoder_norms().detach())
     return torch.where(dn > 0, t / dn.clamp_min(1e-30), torch.full_like(dn, float("inf")))
 
 
@@ -124,7 +125,7 @@ def _export_cfg(crosscoder: Crosscoder, architecture: str) -> dict[str, Any]:
            "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": metadata}
     if architecture == "topk":
-        cfg.update(k=c.k, rescale_acts_by_decoder_norm=True)
+        cfg.update(k=c.k, rescale_acts_by_decoder_norm=c.topk_ranking == "decoder_scaled")
     if architecture in _TRANSCODERS:
         metadata["hook_name_out"] = c.hook_names_out[0]
         cfg.update(d_out=c.d_model, hook_name_out=c.hook_names_out[0])
@@ -175,15 +176,6 @@ def _check_importable(cfg: dict[str, Any], architecture: str) -> None:
         raise ValueError("cfg.json names no hook (metadata.hook_name); cannot tell what the SAE reads.")
 
 
-def _uniform_decoder_norms(W_dec: Tensor, architecture: str) -> None:
-    norms = W_dec.norm(dim=-1)
-    if not torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-4, atol=0):
-        raise ValueError(f"This {architecture} SAE ranks raw pre-activations (rescale_acts_by_decoder_norm="
-                         "False) and its decoder rows differ in norm; hf_crosscoder ranks relu(h) * decoder "
-                         "norm, so the latents chosen would differ. Only SAEs with rescale_acts_by_decoder_norm"
-                         "=True or unit-norm decoders import exactly.")
-
-
 def _imported_config(cfg: dict[str, Any], architecture: str) -> CrosscoderConfig:
     hook_in = _field(cfg, "hook_name") or _field(cfg, "hook_point")
     hook_out = (_field(cfg, "hook_name_out") or hook_in) if architecture in _TRANSCODERS else hook_in
@@ -195,7 +187,10 @@ def _imported_config(cfg: dict[str, Any], architecture: str) -> CrosscoderConfig
     if float(k) != int(k):
         raise ValueError(f"k={k} is not a whole number; hf_crosscoder's k counts latents per token.")
     scale_in, scale_out = _field(cfg, "activation_scale_in"), _field(cfg, "activation_scale_out")
+    # SAELens's TopK default (rescale_acts_by_decoder_norm=False) ranks raw pre-activations, as sparsify does
+    rescale = cfg.get("rescale_acts_by_decoder_norm", architecture == "batchtopk")
     return CrosscoderConfig(
+        topk_ranking="decoder_scaled" if rescale else "pre_activation",
         architecture=_IMPORT_ARCH[architecture], d_model=d_in, d_sae=int(cfg["d_sae"]), k=int(k),
         hook_names_in=[hook_in], hook_names_out=[hook_out], model_name=_field(cfg, "model_name"),
         dataset_path=_field(cfg, "dataset_path"), context_size=_field(cfg, "context_size"),
@@ -226,9 +221,6 @@ def import_from_saelens(folder: str | Path) -> Crosscoder:
     cfg, state = _read_folder(Path(folder))
     architecture = cfg.get("architecture", "standard")
     _check_importable(cfg, architecture)
-    if architecture in ("topk", "batchtopk") and not cfg.get("rescale_acts_by_decoder_norm", architecture ==
-                                                             "batchtopk"):
-        _uniform_decoder_norms(state["W_dec"], architecture)
     config = _imported_config(cfg, architecture)
     weights = _imported_state(cfg, architecture, state)
     crosscoder = Crosscoder(config)
