@@ -22,8 +22,8 @@ setup()
 import lm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from hf_crosscoder.activations import ActivationHarvester  # noqa: E402
 from hf_crosscoder.config import LanguageModelCrosscoderRunnerConfig  # noqa: E402
+from hf_crosscoder.harvest import ActivationHarvester  # noqa: E402
 
 path, _ = lm.build(tempfile.mkdtemp(prefix="bench_lm_"), n_docs=10)
 model = AutoModelForCausalLM.from_pretrained(path).eval()

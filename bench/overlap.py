@@ -22,8 +22,8 @@ import lm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from hf_crosscoder import Crosscoder  # noqa: E402
-from hf_crosscoder.activations import ActivationHarvester  # noqa: E402
 from hf_crosscoder.config import LanguageModelCrosscoderRunnerConfig  # noqa: E402
+from hf_crosscoder.harvest import ActivationHarvester  # noqa: E402
 from hf_crosscoder.trainer import make_optimizer  # noqa: E402
 
 B, REPS = 4096, 6

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from hf_crosscoder.activations import load_model_and_tokenizer
 from hf_crosscoder.cli import parse_runner_config, print_metrics_table
 from hf_crosscoder.config import LanguageModelCrosscoderRunnerConfig
 from hf_crosscoder.data import TokenStream, special_token_mask
+from hf_crosscoder.harvest import load_model_and_tokenizer
 from hf_crosscoder.hooks import capture_activations, model_hidden_size
 from hf_crosscoder.llm_crosscoder_training_runner import LanguageModelCrosscoderTrainingRunner
 from hf_crosscoder.modeling import Crosscoder

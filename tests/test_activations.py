@@ -7,7 +7,9 @@ import torch
 from helpers import D_MODEL, make_runner_config
 from transformers import AutoModelForCausalLM
 
-from hf_crosscoder.activations import ActivationsStore, load_model_and_tokenizer, per_process_batch_size
+from hf_crosscoder.activations import ActivationsStore, per_process_batch_size
+from hf_crosscoder.data import special_token_mask
+from hf_crosscoder.harvest import load_model_and_tokenizer
 from hf_crosscoder.hooks import capture_activations
 
 B = 64  # train_batch_size_tokens of make_runner_config (one process)
@@ -25,7 +27,7 @@ def _spy_harvest(store, tag=False):
     gets the non-special ones when it drops special tokens, as from the real harvester). With `tag`, the served
     activations are replaced by labels: row r of the harvest stream, hook h -> r + h / 8 everywhere
     (identical contexts give identical real activations, so values alone cannot tell rows apart)."""
-    records, harvest = [], store._harvester
+    records, harvest = [], store.source.harvester
 
     class Spy:
         device = harvest.device
@@ -38,7 +40,7 @@ def _spy_harvest(store, tag=False):
                 labels = torch.arange(start, start + len(acts))[:, None] + torch.arange(acts.shape[1]) / 8
                 acts = labels[:, :, None].expand_as(acts).contiguous()
             return (acts[~special], special[~special]) if drop_special else (acts, special)
-    store._harvester = Spy()
+    store.source.harvester = Spy()
     return records
 
 
@@ -74,7 +76,7 @@ def _reference_batches(store, tokens, n_batches):
     stream, and each batch gathered with all hooks, scaled, then split into inputs and outputs."""
     cfg, hooks = store.cfg, store.hook_names
     acts = [torch.stack(list(capture_activations(store.model, hooks, t).values()), 2).flatten(0, 1) for t in tokens]
-    special = [torch.isin(t, store._harvester.special_ids).flatten() for t in tokens]
+    special = [special_token_mask(t, store.tokenizer).flatten() for t in tokens]
     stream = torch.cat([a[~s] if cfg.exclude_special_tokens else a for a, s in zip(acts, special)])
     generator = torch.Generator().manual_seed(cfg.seed)
     buffer, used, batches = torch.empty(store.buffer_rows, len(hooks), cfg.d_model), 0, []
@@ -96,8 +98,8 @@ def test_served_batches_equal_a_plain_reference(cfg, exclude_special_tokens):
     # the rest of a chunk carried to the next fill) and its per-side gathers serve exactly these values;
     # n_batches_in_buffer=3: refills of 64 rows against chunks of up to 128, so most fills use a carry
     store = ActivationsStore(cfg(n_batches_in_buffer=3, exclude_special_tokens=exclude_special_tokens))
-    tokens, next_tokens = [], store._tokens.next_batch  # record the token rows; the real harvester runs
-    store._tokens.next_batch = lambda n: tokens.append(next_tokens(n)) or tokens[-1]
+    tokens, next_tokens = [], store.source.tokens.next_batch  # record the token rows; the real harvester runs
+    store.source.tokens.next_batch = lambda n: tokens.append(next_tokens(n)) or tokens[-1]
     got = [store.next_batch() for _ in range(10)]
     want = _reference_batches(store, tokens, len(got))
     for (got_in, got_out), (want_in, want_out) in zip(got, want):

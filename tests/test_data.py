@@ -6,7 +6,7 @@ import torch
 from datasets import Dataset, load_dataset
 from helpers import make_runner_config
 
-from hf_crosscoder.data import TokenStream, iter_token_batches, shard_for_process, special_token_mask
+from hf_crosscoder.data import TokenStream, shard_for_process, special_token_mask
 
 CTX = 32
 
@@ -33,7 +33,7 @@ def _expected_stream(tokenizer, documents, bos=True):
 
 
 def _one_epoch(cfg, tokenizer):
-    batches = list(iter_token_batches(cfg, tokenizer, 7, max_epochs=1))
+    batches = list(TokenStream(cfg, tokenizer, max_epochs=1).iter_batches(7))
     assert all(len(b) == 7 for b in batches[:-1]) and 0 < len(batches[-1]) <= 7
     return torch.cat(batches)
 

@@ -23,6 +23,8 @@ HOOKS_IN = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 HOOKS_OUT = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post", "blocks.3.hook_resid_post"]
 N_IN, N_OUT, D_MODEL, D_SAE, BATCH = 2, 3, 4, 10, 6
 ALL = list(ARCHITECTURES)
+MATRYOSHKA = "matryoshka_batchtopk_crosscoder"
+BATCHTOPKS = ("batchtopk_crosscoder", MATRYOSHKA)  # the architectures with a BatchTopK inference threshold
 
 
 def make(arch: str, seed: int = 0, d_model: int = D_MODEL, d_sae: int = D_SAE, hooks_out=HOOKS_OUT,
@@ -31,6 +33,8 @@ def make(arch: str, seed: int = 0, d_model: int = D_MODEL, d_sae: int = D_SAE, h
     values."""
     kw = {"k": 3, "l1_coefficient": 0.3, "aux_coefficient": 0.5, "k_aux": 4,
           "jumprelu_pre_act_coefficient": 0.7, "jumprelu_bandwidth": 0.5, **kw}
+    if arch == "matryoshka_batchtopk_crosscoder":
+        kw.setdefault("matryoshka_widths", [2, d_sae // 2, d_sae])
     cfg = CrosscoderConfig(architecture=arch, d_model=d_model, hook_names_in=HOOKS_IN,
                            hook_names_out=hooks_out, d_sae=d_sae, **kw)
     torch.manual_seed(seed)
@@ -99,7 +103,7 @@ def naive(m: Crosscoder, x: torch.Tensor, y: torch.Tensor | None = None, dead=No
         for b in range(B):
             for s in sorted(range(S), key=lambda s: -score(b, s))[: c.k]:
                 f[b, s] = relu(h[b, s])
-    elif arch == "batchtopk_crosscoder":
+    elif arch in ("batchtopk_crosscoder", "matryoshka_batchtopk_crosscoder"):
         threshold = float(m.threshold)
         if training or threshold < 0:
             pairs = sorted(((b, s) for b in range(B) for s in range(S)), key=lambda p: -score(*p))
@@ -163,6 +167,15 @@ def naive(m: Crosscoder, x: torch.Tensor, y: torch.Tensor | None = None, dead=No
             mean_sq = sum(l2((err[b] - e_hat[b]).flatten()) ** 2 for b in range(B)) / B
             aux = c.aux_coefficient * min(len(dead_list) / c.k_aux, 1.0) * mean_sq
         losses["aux"] = aux
+        if arch == "matryoshka_batchtopk_crosscoder":  # each inner prefix of latents reconstructs on its own
+            total = 0.0
+            if training or float(m.threshold) < 0:
+                for w in c.matryoshka_widths[:-1]:
+                    prefix = f.clone()
+                    prefix[:, w:] = 0
+                    e = y - decode(prefix)
+                    total += sum(l2(e[b].flatten()) ** 2 for b in range(B)) / B
+            losses["matryoshka"] = total
     losses["loss"] = sum(float(v) for k, v in losses.items() if k != "mse_per_layer")
     ref["losses"] = losses
     return ref
@@ -194,6 +207,9 @@ CASES = [
     ("batchtopk_crosscoder", {"mode": "eval_threshold", "topk_ranking": "pre_activation"}),
     ("batchtopk_crosscoder", {"mode": "eval_threshold"}),
     ("batchtopk_crosscoder", {"mode": "eval_before_training", "sparsity_decoder_norm": "concat"}),
+    (MATRYOSHKA, {"mode": "train"}),
+    (MATRYOSHKA, {"mode": "train", "matryoshka_widths": [5, D_SAE], "topk_ranking": "pre_activation"}),
+    (MATRYOSHKA, {"mode": "eval_threshold"}),
 ]
 DEAD_MASKS = {
     "none": None,
@@ -230,7 +246,8 @@ def test_forward_matches_naive_reference(arch, kw):
             close(out.fired, (ref["f"] > 0).any(0))
             names = {"mse", "mse_per_layer", "sparsity"}
             names |= {"pre_act"} if arch == "jumprelu_crosscoder" else set()
-            names |= {"aux"} if arch in ("topk_crosscoder", "batchtopk_crosscoder") else set()
+            names |= {"aux"} if arch in ("topk_crosscoder", "batchtopk_crosscoder", MATRYOSHKA) else set()
+            names |= {"matryoshka"} if arch == MATRYOSHKA else set()
             assert set(out.losses) == names, (dead_name, layout)
             for name in names:
                 close(out.losses[name], ref["losses"][name])
@@ -244,8 +261,10 @@ def test_forward_matches_naive_reference(arch, kw):
             close(m.encode(xin), ref["f"])
             close(m.decode(ref["f"], acts_in=xin if arch == "skip_crosscoder" else None), ref["recon"])
     # the aux / pre-activation terms are exercised with non-zero values somewhere in this case
-    if arch in ("topk_crosscoder", "batchtopk_crosscoder"):
+    if arch in ("topk_crosscoder", "batchtopk_crosscoder", MATRYOSHKA):
         assert float(naive(m, x, y, dead=DEAD_MASKS["few"])["losses"]["aux"]) > 0
+    if arch == MATRYOSHKA and m.training:
+        assert float(naive(m, x, y)["losses"]["matryoshka"]) > 0
     if arch == "jumprelu_crosscoder" and kw["jumprelu_pre_act_latents"] != "none":
         assert float(naive(m, x, y, dead=DEAD_MASKS["many"])["losses"]["pre_act"]) > 0
 
@@ -603,7 +622,7 @@ def test_fold_activation_norm_scaling(arch):
     s_out = torch.tensor(S_OUT, dtype=F64)[None, :, None]
     x_raw, y_raw = x_raw / s_in, y_raw / s_out  # raw activations of very different scales per hook
     x_norm, y_norm = x_raw * s_in, y_raw * s_out
-    if arch == "batchtopk_crosscoder":
+    if arch in BATCHTOPKS:
         m.train()
         m(x_norm)  # sets a threshold
     folded = copy.deepcopy(m)
@@ -622,7 +641,7 @@ def test_fold_activation_norm_scaling(arch):
         for name in ("sparsity", "pre_act"):  # penalties keep using normalized-space decoder norms
             if name in ref.losses:
                 close(out.losses[name], ref.losses[name], tol=1e-9)
-        if arch == "batchtopk_crosscoder":
+        if arch in BATCHTOPKS:
             close(folded.threshold, m.threshold, tol=1e-9)
     assert ref.feature_acts.count_nonzero() > 0
     with pytest.raises(ValueError, match="already folded"):
@@ -658,7 +677,7 @@ def no_pickle(monkeypatch):
 def test_save_load_round_trip(arch, folded, tmp_path, no_pickle):
     m = make(arch, **PROVENANCE).float()
     x, y = (t.float() for t in inputs(3))
-    if arch == "batchtopk_crosscoder":
+    if arch in BATCHTOPKS:
         m.train()
         m(x)
         assert float(m.threshold) > 0
@@ -684,7 +703,7 @@ def test_save_load_round_trip(arch, folded, tmp_path, no_pickle):
         assert set(state) == set(loaded_state)
         for name in state:
             assert torch.equal(state[name], loaded_state[name]), name
-        if arch == "batchtopk_crosscoder":
+        if arch in BATCHTOPKS:
             assert torch.equal(loaded.threshold, m.threshold)
         if arch == "jumprelu_crosscoder":
             assert torch.equal(loaded.theta, m.theta)
@@ -771,6 +790,7 @@ RECOVERY = {
                                                          "jumprelu_bandwidth": 0.5, "jumprelu_init_threshold": 0.1}),
     "topk_crosscoder": ("topk_crosscoder", 800, 3e-3, {"k": 4}),
     "batchtopk_crosscoder": ("batchtopk_crosscoder", 800, 3e-3, {"k": 3}),
+    MATRYOSHKA: (MATRYOSHKA, 800, 3e-3, {"k": 3, "matryoshka_widths": [48, 2 * REC_FEATURES]}),
 }
 
 

@@ -1,10 +1,14 @@
-"""Activation harvesting: the frozen LM's hooked activations, normalized and shuffled into batches.
+"""The activations store: raw activation rows from a source, normalized and shuffled into batches.
 
-`ActivationsStore` turns packed token rows (data.py) into training batches `(acts_in, acts_out)`:
+`ActivationsStore` turns the rows of an activation source into training batches `(acts_in, acts_out)`.
+The source is injected (`source=`): `harvest.LMActivationSource` (the frozen model on the token stream),
+`cache.CachedActivationsReader` (an activation cache, no model loaded), or any object with the same
+methods (`hook_names`, `next_chunk() -> (rows, special)`, `mean_norms()`, `state_dict()`,
+`load_state_dict()`); without one, `activation_source(cfg)` picks the one the config names.
 
-1. harvest: the frozen model runs on `store_batch_size_prompts` rows at a time (no grad, eval mode,
-   stopping after the last hooked layer); every hook used as input and/or output is captured once.
-   Special-token positions (BOS/EOS/PAD) are dropped when `exclude_special_tokens`.
+1. rows: the source yields [m, n_hooks, d_model] float32 raw activations of every hook used as input
+   and/or output, each once (the LM source: `store_batch_size_prompts` rows per forward, stopping after
+   the last hooked layer, special-token positions dropped when `exclude_special_tokens`).
 2. buffer: one preallocated float32 tensor [n_batches_in_buffer * B, n_hooks, d_model] of *raw*
    activations, filled in place. Each cycle refills the slots served last cycle, draws a permutation
    of all slots (torch.Generator seeded with seed + process index) and serves the first half of it,
@@ -24,177 +28,29 @@
    estimated from the first `n_batches_for_norm_estimate` harvest chunks (the ones that fill the
    buffer first, so no harvest is wasted unless the estimate asks for more chunks than the buffer
    holds), leaving special-token positions out, mean-reduced across processes.
-
-Or, with `cached_activations_path`, rows come from a cache written by `CacheActivationsRunner`
-(no model is loaded) through the same buffer.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from accelerate import PartialState
 from accelerate.utils import reduce
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoTokenizer
 
-from .data import TokenStream, special_token_ids
-from .hooks import capture_activations, check_d_model, find_layers, resolve_hook
+from .cache import CachedActivationsReader
+from .config import hook_union
+from .harvest import LMActivationSource, mean_norm_stats
 
 STATE_TENSORS = "activations_store.safetensors"
 STATE_JSON = "activations_store.json"
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """'float32' / 'bfloat16' / 'torch.float16' -> the torch dtype; ValueError for anything else."""
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype={name!r} is not a torch dtype; use float32, bfloat16 or float16.")
-    return dtype
-
-
-def model_class(name: str) -> type:
-    """The transformers class named `name` (AutoModelForCausalLM, AutoModel, GPTNeoXForCausalLM, ...)."""
-    cls = getattr(transformers, name, None) if name.isidentifier() else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ValueError(f"model_class_name={name!r} is not a transformers model class; use "
-                         "AutoModelForCausalLM (decoders), AutoModel (encoders such as BERT) or another "
-                         "transformers Auto class.")
-    return cls
-
-
-def check_context_size(model_config: Any, context_size: int, model_name: str) -> None:
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    if isinstance(limit, int) and context_size > limit:
-        raise ValueError(f"context_size={context_size} exceeds the {limit} positions of {model_name}; set "
-                         f"context_size <= {limit}.")
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-@contextmanager
-def loading_whole() -> Iterator[None]:
-    """Load models unpartitioned under a DeepSpeed ZeRO-3 launch. While one is active, transformers builds
-    every `from_pretrained` model inside `deepspeed.zero.Init` (parameters sharded, empty locally), but
-    the frozen LM is never wrapped by a DeepSpeed engine, so each process needs all of its weights."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def check_hooks_before_loading(cls: Any, config: Any, hook_names: Sequence[str]) -> None:
-    """Resolve the hook names on a weightless (meta-device) copy of the model, so a wrong name fails
-    before the weights load. A model class that cannot be built there is checked once loaded instead."""
-    try:  # whole (no ZeRO-3 partitioning) and without touching the RNG the crosscoder's init draws from
-        with loading_whole(), torch.random.fork_rng(devices=[]), torch.device("meta"):
-            skeleton = cls.from_config(config)
-    except Exception:  # noqa: BLE001 (any failure only postpones the check to the loaded model)
-        return
-    for name in dict.fromkeys(hook_names):
-        resolve_hook(skeleton, name)
-
-
-def load_model_and_tokenizer(cfg: Any, device: str | torch.device | None = None,
-                             before_weights: Any = None) -> tuple[nn.Module, Any]:
-    """Frozen model and tokenizer from `cfg.model_name`. The config is checked against `cfg.d_model` /
-    `cfg.context_size` and the hook names against the model's modules first, and `before_weights(tokenizer)`
-    (e.g. opening the dataset) runs next, so all of these fail before any weights load."""
-    cls, dtype = model_class(cfg.model_class_name), torch_dtype(cfg.dtype)
-    config = AutoConfig.from_pretrained(cfg.model_name)
-    check_d_model(config, cfg.d_model, cfg.model_name)
-    check_context_size(config, cfg.context_size, cfg.model_name)
-    check_hooks_before_loading(cls, config, [*cfg.hook_names_in, *cfg.hook_names_out])
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
-    if before_weights is not None:
-        before_weights(tokenizer)
-    with loading_whole():
-        model = cls.from_pretrained(cfg.model_name, config=config, dtype=dtype)
-    if device is not None:
-        model.to(device)
-    return freeze(model), tokenizer
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-class ActivationHarvester:
-    """Runs the frozen model on token rows and returns the hooks' raw activations, stacked.
-
-    Shared by `ActivationsStore` and `CacheActivationsRunner`. With `cfg.compile_llm`, each layer's
-    forward is compiled in place (hooks on layer modules stay outside the compiled code, so the early
-    stop's exception is raised in eager mode)."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any, hook_names: Sequence[str], cfg: Any) -> None:
-        self.model, self.hook_names = model, list(dict.fromkeys(hook_names))  # each hook captured once
-        self.d_model = cfg.d_model
-        for name in self.hook_names:
-            resolve_hook(model, name)  # unknown names fail here, before any forward
-        self.device = model_device(model)
-        self.autocast = bool(cfg.autocast_lm) and self.device.type == "cuda"
-        self.special_ids = torch.tensor(special_token_ids(tokenizer), dtype=torch.long, device=self.device)
-        if cfg.compile_llm:
-            for layer in find_layers(model)[1]:
-                layer.forward = torch.compile(layer.forward)
-
-    def __call__(self, tokens: Tensor, drop_special: bool = False) -> tuple[Tensor, Tensor]:
-        """(activations [m, n_hooks, d_model] float32, special-token mask [m]) for tokens [b, s]: all
-        m = b*s positions, or with `drop_special` only the non-special ones (in order)."""
-        tokens = tokens.to(self.device)
-        special = torch.isin(tokens, self.special_ids).flatten()
-        rows = (~special).nonzero().squeeze(1) if drop_special else None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            acts = capture_activations(self.model, self.hook_names, tokens, stop_early=True)
-        self._check_acts(acts)
-        first = acts[self.hook_names[0]]
-        out = torch.empty(len(special) if rows is None else len(rows), len(self.hook_names), first.shape[-1],
-                          dtype=torch.float32, device=self.device)
-        for h, name in enumerate(self.hook_names):
-            # one hook at a time, dropping each captured tensor once copied: no stacked copy of the whole
-            # chunk next to the captured one (at most one hook's rows are gathered extra)
-            flat = acts.pop(name).flatten(0, 1)
-            out[:, h] = flat if rows is None else flat[rows]
-        return out, special if rows is None else special[rows]
-
-    def _check_acts(self, acts: dict[str, Tensor]) -> None:
-        wrong = {name: a.shape[-1] for name, a in acts.items() if a.shape[-1] != self.d_model}
-        if wrong:  # a raw module path can name any module, e.g. an MLP's up-projection
-            raise ValueError(f"hook(s) {wrong} output a width other than d_model={self.d_model}; hook modules "
-                             "that write the residual stream (resid_pre/resid_post/attn_out/mlp_out).")
-        # per hook: isfinite's temporaries are then one hook's size, not the chunk's (torch.isfinite of a
-        # whole float32 chunk allocates ~1.75 chunks)
-        bad = [name for name in self.hook_names if not bool(torch.isfinite(acts[name]).all())]
-        if bad:
-            dtype = next(self.model.parameters()).dtype
-            fix = ("check the model's weights (they may hold NaN/inf) and the input tokens"
-                   if dtype == torch.float32 and not self.autocast else
-                   "load the model with dtype='float32' (and autocast_lm=False)")
-            raise ValueError(f"activations of hook(s) {bad} contain NaN/inf (model dtype {dtype}); {fix}.")
-
-
-def mean_norm_stats(acts: Tensor, special: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum over non-special rows of each hook's L2 norm [n_hooks] float64, number of such rows)."""
-    norms = acts.norm(dim=-1)[~special]  # norms first: masking [m, n_hooks] copies no activations
-    count = torch.tensor(float(len(norms)), dtype=torch.float64, device=acts.device)
-    return norms.sum(0, dtype=torch.float64), count
 
 
 def per_process_batch_size(train_batch_size_tokens: int, num_processes: int) -> int:
@@ -202,6 +58,18 @@ def per_process_batch_size(train_batch_size_tokens: int, num_processes: int) -> 
         raise ValueError(f"train_batch_size_tokens={train_batch_size_tokens} is not divisible by the "
                          f"{num_processes} processes; use a multiple of {num_processes}.")
     return train_batch_size_tokens // num_processes
+
+
+def activation_source(cfg: Any, hook_names: list[str], model: nn.Module | None = None, tokenizer: Any = None,
+                      device: str | torch.device | None = None) -> Any:
+    """The source a config asks for: an activation cache (`cached_activations_path`, no model loaded), else
+    the language model (loaded from `model_name` unless given)."""
+    if cfg.cached_activations_path:
+        state = PartialState()
+        return CachedActivationsReader(cfg.cached_activations_path, hook_names, cfg.d_model, state.process_index,
+                                       state.num_processes, cfg.store_batch_size_prompts * cfg.context_size,
+                                       cfg.exclude_special_tokens)
+    return LMActivationSource(cfg, hook_names, model, tokenizer, device)
 
 
 class ActivationsStore:
@@ -215,24 +83,20 @@ class ActivationsStore:
     """
 
     def __init__(self, cfg: Any, model: nn.Module | None = None, tokenizer: Any = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, source: Any = None) -> None:
         state = PartialState()
         self.cfg, self.process_index, self.num_processes = cfg, state.process_index, state.num_processes
         self.batch_size = per_process_batch_size(cfg.train_batch_size_tokens, self.num_processes)
         self.device = torch.device(device or cfg.device or state.device)
         self.hook_names_in, self.hook_names_out = list(cfg.hook_names_in), list(cfg.hook_names_out)
-        self.hook_names = list(dict.fromkeys(self.hook_names_in + self.hook_names_out))  # each stored once
+        self.hook_names = hook_union(self.hook_names_in, self.hook_names_out)  # each stored once
+        self.source = source if source is not None else activation_source(cfg, self.hook_names, model, tokenizer,
+                                                                          self.device)
+        if list(self.source.hook_names) != self.hook_names:
+            raise ValueError(f"the activation source yields hooks {list(self.source.hook_names)}, but the store "
+                             f"needs {self.hook_names} (hook_names_in then hook_names_out, each once).")
         self._in_index = torch.tensor([self.hook_names.index(h) for h in self.hook_names_in], device=self.device)
         self._out_index = torch.tensor([self.hook_names.index(h) for h in self.hook_names_out], device=self.device)
-        self.model = self.tokenizer = self._cache = self._tokens = None
-        if cfg.cached_activations_path:
-            from .cache import CachedActivationsReader  # cache.py builds on this module
-
-            self._cache = CachedActivationsReader(
-                cfg.cached_activations_path, self.hook_names, cfg.d_model, self.process_index,
-                self.num_processes, cfg.store_batch_size_prompts * cfg.context_size, cfg.exclude_special_tokens)
-        else:
-            self._init_model(model, tokenizer)
         self.buffer_rows = cfg.n_batches_in_buffer * self.batch_size
         self._generator = torch.Generator().manual_seed(cfg.seed + self.process_index)
         self._scale: Tensor | None = None
@@ -244,31 +108,20 @@ class ActivationsStore:
         self._served = 0
         self._carry: Tensor | None = None  # harvested rows that did not fit the last fill
 
-    def _init_model(self, model: nn.Module | None, tokenizer: Any) -> None:
-        cfg = self.cfg
-        if model is None:  # the dataset is opened (and checked) before the weights load
-            model, tokenizer = load_model_and_tokenizer(cfg, self.device, before_weights=self._open_tokens)
-        elif tokenizer is None:
-            raise ValueError("ActivationsStore got a model without its tokenizer; pass tokenizer= too.")
-        else:
-            check_d_model(model.config, cfg.d_model, cfg.model_name)
-            check_context_size(model.config, cfg.context_size, cfg.model_name)
-        self.model, self.tokenizer = freeze(model), tokenizer
-        self._harvester = ActivationHarvester(model, tokenizer, self.hook_names, cfg)
-        if self._tokens is None:
-            self._open_tokens(tokenizer)
+    @property
+    def model(self) -> nn.Module | None:
+        """The frozen language model when the source has one (None for an activation cache)."""
+        return getattr(self.source, "model", None)
 
-    def _open_tokens(self, tokenizer: Any) -> None:
-        self._tokens = TokenStream(self.cfg, tokenizer, self.process_index, self.num_processes)
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.source, "tokenizer", None)
 
     # --- harvesting ---
 
     def _next_chunk(self) -> Tensor:
         """The next raw training rows [m, n_hooks, d_model] on the store's device."""
-        if self._cache is not None:
-            return self._cache.next_chunk().to(self.device)
-        acts, special = self._harvester(self._tokens.next_batch(self.cfg.store_batch_size_prompts),
-                                        drop_special=self.cfg.exclude_special_tokens)
+        acts, special = self.source.next_chunk()
         if self._stats is not None and self._stats[2] < self.cfg.n_batches_for_norm_estimate:
             sums, count = mean_norm_stats(acts, special)
             self._stats = [self._stats[0] + sums, self._stats[1] + count, self._stats[2] + 1]
@@ -301,8 +154,8 @@ class ActivationsStore:
         d_model, n_hooks = self.cfg.d_model, len(self.hook_names)
         if self.cfg.normalize_activations == "none":
             scale = torch.ones(n_hooks, dtype=torch.float64)
-        elif self._cache is not None:
-            scale = math.sqrt(d_model) / self._cache.mean_norms
+        elif (known := self.source.mean_norms()) is not None:  # an activation cache's statistics
+            scale = math.sqrt(d_model) / known
         else:
             scale = math.sqrt(d_model) / self._estimate_mean_norms()
         self._scale = scale.to(self.device, torch.float32)
@@ -330,7 +183,7 @@ class ActivationsStore:
     def provenance(self) -> dict[str, Any]:
         """Where the rows come from, when that is not the run's config: an activation cache's model,
         dataset and context size (for the trained crosscoder's config.json and model card)."""
-        return self._cache.provenance if self._cache is not None else {}
+        return dict(getattr(self.source, "provenance", {}))
 
     @property
     def scale_in(self) -> Tensor:
@@ -374,14 +227,14 @@ class ActivationsStore:
         """The next `store_batch_size_prompts` packed rows [n, context_size] on the model's device
         (consumed from the training stream)."""
         self._require_model("next_tokens()")
-        return self._tokens.next_batch(self.cfg.store_batch_size_prompts).to(self._harvester.device)
+        return self.source.next_tokens()
 
     def activations_from_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(acts_in [b*s, n_in, d], acts_out [b*s, n_out, d], keep [b*s] bool), normalized, on the
         store's device; `keep` marks the positions training uses (special tokens excluded if asked)."""
         self._require_model("activations_from_tokens()")
         scale = self.estimate_norm_scaling()
-        acts, special = self._harvester(tokens)
+        acts, special = self.source.harvester(tokens)
         acts = acts.to(self.device)
         keep = ~special if self.cfg.exclude_special_tokens else torch.ones_like(special)
         return (acts[:, self._in_index].mul_(scale[self._in_index, None]),
@@ -397,8 +250,7 @@ class ActivationsStore:
         tensors = {"buffer": self._buffer, "free": self._free, "order": self._order, "carry": carry,
                    "scale": self._scale, "generator": self._generator.get_state()}
         state: dict[str, Any] = {k: v.detach().cpu() for k, v in tensors.items() if v is not None}
-        source = self._cache if self._cache is not None else self._tokens
-        state.update(n_filled=self._n_filled, served=self._served, source=source.state_dict(),
+        state.update(n_filled=self._n_filled, served=self._served, source=self.source.state_dict(),
                      hook_names=self.hook_names, batch_size=self.batch_size, buffer_rows=self.buffer_rows)
         return state
 
@@ -417,7 +269,7 @@ class ActivationsStore:
         self._carry, self._scale = tensor("carry"), tensor("scale")
         self._generator.set_state(state["generator"].cpu())
         self._n_filled, self._served = int(state["n_filled"]), int(state["served"])
-        (self._cache if self._cache is not None else self._tokens).load_state_dict(state["source"])
+        self.source.load_state_dict(state["source"])
 
     def save(self, directory: str | Path) -> None:
         """Write `state_dict()` to `directory` as activations_store.safetensors + .json (no pickle)."""

@@ -28,9 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .activations import ActivationHarvester, load_model_and_tokenizer, mean_norm_stats, torch_dtype
-from .config import HarvestArgs, arg, check_positive
+from .config import HarvestArgs, arg, check_positive, hook_union, torch_dtype
 from .data import TokenStream
+from .harvest import ActivationHarvester, load_model_and_tokenizer, mean_norm_stats
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class CacheActivationsRunnerConfig(HarvestArgs):
 
     @property
     def hook_names(self) -> list[str]:
-        return list(dict.fromkeys(self.hook_names_in + self.hook_names_out))
+        return hook_union(self.hook_names_in, self.hook_names_out)
 
 
 def _check_output_dir(path: Path) -> None:
@@ -217,7 +217,7 @@ class CachedActivationsReader:
         if absent or not any(hi > lo for _, lo, hi in self.shards):
             raise ValueError(f"activation cache {path} is missing shard files {absent[:3]} or holds no rows "
                              f"for process {process_index}; rewrite it with CacheActivationsRunner.")
-        self.mean_norms = torch.tensor([meta["mean_norms"][h] for h in self.hook_names], dtype=torch.float64)
+        self._mean_norms = torch.tensor([meta["mean_norms"][h] for h in self.hook_names], dtype=torch.float64)
         self.epoch = self.shard = self.row = 0
         self._open: tuple[int, Any] | None = None
 
@@ -226,8 +226,13 @@ class CachedActivationsReader:
             self._open = (index, safe_open(str(self.shards[index][0]), framework="pt"))
         return self._open[1]
 
-    def next_chunk(self) -> Tensor:
-        """The next rows [m, n_hooks, d_model] float32 (raw scale), special positions dropped if asked."""
+    def mean_norms(self) -> Tensor:
+        """Per-hook mean activation norm over non-special positions, from the cache's metadata."""
+        return self._mean_norms
+
+    def next_chunk(self) -> tuple[Tensor, Tensor]:
+        """(the next rows [m, n_hooks, d_model] float32 raw, their special-token flags [m]); special
+        positions dropped if asked."""
         while True:
             if self.shard == len(self.shards):
                 self.epoch, self.shard, self.row = self.epoch + 1, 0, 0
@@ -242,10 +247,11 @@ class CachedActivationsReader:
             f = self._file(self.shard)
             rows = torch.stack([f.get_slice(h)[start:end] for h in self.hook_names], dim=1).float()
             self.row += end - start
+            special = f.get_slice("is_special")[start:end]
             if self.exclude_special:
-                rows = rows[~f.get_slice("is_special")[start:end]]
+                rows, special = rows[~special], special[~special]
             if len(rows):
-                return rows
+                return rows, special
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "shard": self.shard, "row": self.row}

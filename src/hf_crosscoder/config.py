@@ -11,12 +11,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 CONFIG_VERSION = 1
+
+# Registered checks of the named choices that live in other modules: "architecture" (modeling.py) and
+# "layer_structure" (structures.py) register each of their names with its check of the config, so this
+# module, a leaf, validates them without importing either (the package imports both on import).
+CONFIG_CHECKS: dict[str, dict[str, Any]] = {"layer_structure": {}, "architecture": {}}
+
+
+def register_config_check(kind: str, name: str, check: Any) -> None:
+    """Make `name` a valid value of the config field `kind`, validated by `check(config)`."""
+    CONFIG_CHECKS[kind][name] = check
+
+
+def hook_union(hooks_in: list[str], hooks_out: list[str]) -> list[str]:
+    """Every hook read or written, each once, inputs first (what is harvested and stored)."""
+    return list(dict.fromkeys([*hooks_in, *hooks_out]))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'float32' / 'bfloat16' / 'torch.float16' -> the torch dtype; ValueError for anything else."""
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={name!r} is not a torch dtype; use float32, bfloat16 or float16.")
+    return dtype
 
 
 def arg(default: Any = None, help: str = "", **kwargs: Any) -> Any:
@@ -41,21 +66,28 @@ class HookArgs:
 class CrosscoderArgs(HookArgs):
     """Architecture hyper-parameters shared by `CrosscoderConfig` and the training runner's config."""
 
-    architecture: str = arg("crosscoder", "One of: crosscoder, skip_crosscoder, jumprelu_crosscoder, "
-                            "topk_crosscoder, batchtopk_crosscoder.")
+    architecture: str = arg("crosscoder", "Sparsity family, a registered architecture (hf_crosscoder."
+                            "ARCHITECTURES; --help lists them).")
+    layer_structure: str = arg("dense", "Which latents read and write which hooks: 'dense' (all to all), "
+                               "'cross_layer' (a CLT: latent group i reads input hook i, writes output hooks "
+                               "i..L-1) or 'per_layer' (group i reads input hook i, writes output hook i).")
     d_sae: int = arg(4096, "Number of latents (dictionary size).")
     l1_coefficient: float = arg(1.0, "Sparsity coefficient: scales the decoder-norm-weighted L1 (ReLU "
                                 "architectures) or the L0/tanh penalty (JumpReLU). Unused by TopK.")
     sparsity_decoder_norm: str = arg("sum", "How a latent's decoder norm across output layers is taken: "
                                      "'sum' of per-layer L2 norms (Anthropic crosscoder) or 'concat' "
                                      "(L2 of the concatenation: an SAE on the stacked layers).")
-    k: int = arg(32, "Active latents per token for topk_crosscoder (batchtopk: on average).")
+    k: int = arg(32, "Active latents per token for topk_crosscoder (batchtopk: on average); per layer group "
+                 "for the cross_layer / per_layer structures.")
+    matryoshka_widths: list[int] | None = arg(None, "matryoshka_batchtopk_crosscoder: increasing prefix sizes "
+                                              "whose last is d_sae (per layer group: d_sae / layers), e.g. "
+                                              "512 2048 8192.")
     topk_ranking: str = arg("decoder_scaled", "How TopK/BatchTopK rank latents: 'decoder_scaled' = "
                             "relu(h) * decoder norm (selection does not drift with the decoder's scale), or "
                             "'pre_activation' = raw h (SAELens with rescale_acts_by_decoder_norm=False, "
                             "sparsify).")
-    k_aux: int | None = arg(None, "Dead latents used by the AuxK loss; default d_model // 2 per output "
-                            "layer (n_out * d_model // 2), capped at d_sae.")
+    k_aux: int | None = arg(None, "Dead latents used by the AuxK loss per token (per layer group); default "
+                            "d_model // 2 per output hook (dense: n_out * d_model // 2), capped at d_sae.")
     aux_coefficient: float = arg(1 / 32, "Weight of the AuxK loss (TopK/BatchTopK).")
     jumprelu_init_threshold: float = arg(0.01, "Initial JumpReLU threshold (0.1 for the tanh recipe).")
     jumprelu_bandwidth: float = arg(0.05, "Width of the rectangle kernel of the straight-through "
@@ -116,13 +148,16 @@ def validate_hook_args(c: Any) -> None:
         raise ValueError(f"d_model must be a positive integer (the model's hidden size); got {c.d_model}.")
 
 
+def _registered(kind: str, c: Any) -> None:
+    value, checks = getattr(c, kind), CONFIG_CHECKS[kind]
+    if value not in checks:
+        raise ValueError(f"Unknown {kind.replace('_', ' ')} {value!r}; valid {kind.replace('_', ' ')}s: "
+                         f"{', '.join(checks)}.")
+    checks[value](c)
+
+
 def validate_crosscoder_args(c: Any) -> None:
     """Raise a ValueError naming the fix for any inconsistent hyper-parameter (duck-typed on `c`)."""
-    from .modeling import ARCHITECTURES  # the registry is the single list of valid names
-
-    if c.architecture not in ARCHITECTURES:
-        raise ValueError(f"Unknown architecture {c.architecture!r}; valid architectures: "
-                         f"{', '.join(ARCHITECTURES)}.")
     validate_hook_args(c)
     for name in ("hook_names_in", "hook_names_out"):
         hooks = getattr(c, name)
@@ -130,11 +165,8 @@ def validate_crosscoder_args(c: Any) -> None:
             raise ValueError(f"{name} lists a hook twice: {hooks}; list each hook once.")
     if c.d_sae is not None and (not _is_int(c.d_sae) or c.d_sae <= 0):
         raise ValueError(f"d_sae must be a positive number of latents; got {c.d_sae}.")
-    if c.architecture in ("topk_crosscoder", "batchtopk_crosscoder"):
-        if not _is_int(c.k) or c.k <= 0 or (c.d_sae is not None and c.k > c.d_sae):
-            raise ValueError(f"k={c.k} must be between 1 and d_sae={c.d_sae}; lower k or raise d_sae.")
-        if c.k_aux is not None and c.k_aux <= 0:
-            raise ValueError(f"k_aux must be positive (or None for the default); got {c.k_aux}.")
+    _registered("layer_structure", c)
+    _registered("architecture", c)  # its own hyper-parameters (k, widths, ...) once the structure is valid
     check_range(c, ("l1_coefficient", "aux_coefficient", "jumprelu_init_threshold",
                     "jumprelu_pre_act_coefficient"), 0)
     check_range(c, ("jumprelu_bandwidth", "jumprelu_tanh_scale", "decoder_init_norm"), 0, strict=True)
@@ -181,8 +213,9 @@ class CrosscoderConfig(PretrainedConfig):
                 hooks = "hook_names_in" if name == "d_in" else "hook_names_out"
                 raise ValueError(f"{name}={given} does not match d_model * len({hooks}) = {derived}; "
                                  f"drop {name} (it is derived) or fix d_model / {hooks}.")
-        if self.k_aux is None:
-            self.k_aux = min(self.d_sae, max(1, self.n_out * (self.d_model // 2)))  # d_model 1: not 0
+        if self.k_aux is None:  # per group of latents: a layered structure's group writes one hook or more
+            groups, hooks = (1, self.n_out) if self.layer_structure == "dense" else (self.n_in, 1)
+            self.k_aux = min(self.d_sae // groups, max(1, hooks * (self.d_model // 2)))  # d_model 1: not 0
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CrosscoderConfig:
@@ -272,29 +305,15 @@ class HarvestArgs(HookArgs):
     seed: int = arg(42, "Random seed.")
 
     def __post_init__(self) -> None:
-        from .activations import torch_dtype  # activations is the one place dtype names are parsed
-
         validate_hook_args(self)
         check_positive(self, ("context_size", "training_tokens", "store_batch_size_prompts"))
         torch_dtype(self.dtype)
 
 
 @dataclass
-class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
-    """Everything one training run needs: the crosscoder's hyper-parameters, what to harvest from which
-    model and data, plus the run's own fields.
+class StoreArgs:
+    """The activations store: shuffle buffer, normalization, or an activation cache instead of the model."""
 
-    Names and defaults follow SAELens where it has them. `train_batch_size_tokens` and `training_tokens`
-    are global: under data parallelism each of N processes trains on 1/N of every batch, so the same
-    config gives the same optimization on 1 or N devices. Validated here (all that can be checked
-    without the model) and again once the model's config is read (d_model). Never mutated by training.
-    """
-
-    d_sae: int | None = arg(None, "Number of latents; default expansion_factor * d_in.")
-    expansion_factor: int | None = arg(None, "d_sae = expansion_factor * d_in when d_sae is not given "
-                                       "(default 4).")
-    # --- activations store ---
-    train_batch_size_tokens: int = arg(4096, "Tokens per optimizer step (global across processes).")
     n_batches_in_buffer: int = arg(20, "Shuffle buffer size in training batches (lower on OOM).")
     normalize_activations: str = arg("expected_average", "'expected_average': scale each hook so its "
                                      "mean norm is sqrt(d_model) (folded into the saved weights); "
@@ -302,7 +321,20 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
     n_batches_for_norm_estimate: int = arg(8, "Harvest batches used to estimate the per-hook scales.")
     cached_activations_path: str | None = arg(None, "Train from an activation cache written by "
                                               "CacheActivationsRunner (the model is not loaded).")
-    # --- optimization ---
+
+    def validate_store_args(self) -> None:
+        check_positive(self, ("n_batches_in_buffer", "n_batches_for_norm_estimate"))
+        if self.n_batches_in_buffer < 2:
+            raise ValueError("n_batches_in_buffer must be >= 2 (half the buffer is served while the other "
+                             "half refills).")
+        _choice("normalize_activations", self.normalize_activations, NORMALIZATIONS)
+
+
+@dataclass
+class TrainerArgs:
+    """What the optimization loop (trainer.CrosscoderTrainer) reads: its own slice of a run's config."""
+
+    train_batch_size_tokens: int = arg(4096, "Tokens per optimizer step (global across processes).")
     lr: float = arg(3e-4, "Adam learning rate.")
     adam_beta1: float = arg(0.9, "Adam beta1.")
     adam_beta2: float = arg(0.999, "Adam beta2.")
@@ -315,28 +347,86 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
     dead_feature_window: int = arg(1000, "A latent that has not fired for more than this many steps is "
                                    "dead (feeds AuxK and the pre-activation loss).")
     feature_sampling_window: int = arg(2000, "Steps over which feature densities are measured for logs.")
-    # --- logging, evals, checkpoints ---
-    log_to_wandb: bool = arg(False, "Log to Weights & Biases (WANDB_MODE=offline works).")
-    wandb_project: str = arg("hf_crosscoder", "wandb project.")
-    wandb_entity: str | None = arg(None, "wandb entity.")
-    run_name: str | None = arg(None, "Run name; default derived from architecture, d_sae and hooks.")
     wandb_log_frequency: int = arg(10, "Log training metrics every N steps.")
     eval_every_n_wandb_logs: int = arg(100, "Run evals every N logging steps (also without wandb).")
+    compile_crosscoder: bool = arg(False, "torch.compile the crosscoder's loss.")
+    autocast: bool = arg(False, "bf16 autocast for the crosscoder (GPU).")
+
+    def validate_trainer_args(self) -> None:
+        check_positive(self, ("train_batch_size_tokens", "dead_feature_window", "feature_sampling_window",
+                              "wandb_log_frequency", "eval_every_n_wandb_logs"))
+        check_range(self, ("lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps", "max_grad_norm",
+                           "adam_beta1", "adam_beta2"), 0)
+        check_range(self, ("lr",), 0, strict=True)
+        if self.lr_end is not None:
+            check_range(self, ("lr_end",), 0)
+        if max(self.adam_beta1, self.adam_beta2) >= 1:
+            raise ValueError(f"adam_beta1/adam_beta2 must be < 1; got {self.adam_beta1}, {self.adam_beta2}.")
+        _choice("lr_scheduler_name", self.lr_scheduler_name, LR_SCHEDULERS)
+
+    def trainer_args(self) -> TrainerArgs:
+        """A plain TrainerArgs with this config's values (what the trainer is given)."""
+        return TrainerArgs(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainerArgs)})
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation during and after training."""
+
     n_eval_batches: int = arg(10, "Harvest batches per eval.")
+
+    def validate_eval_args(self) -> None:
+        check_positive(self, ("n_eval_batches",))
+
+
+@dataclass
+class OutputArgs:
+    """Where a run writes (output folder, checkpoints, wandb) and what it publishes to the Hub."""
+
+    output_path: str = arg("crosscoder_output", "Where the trained crosscoder, config and metrics go.")
+    overwrite_output: bool = arg(False, "Allow writing into a non-empty output_path.")
     n_checkpoints: int = arg(0, "Checkpoints spaced over training (one more is written at the end).")
     checkpoint_path: str | None = arg(None, "Checkpoint directory; default OUTPUT_PATH/checkpoints.")
     resume_from_checkpoint: str | None = arg(None, "A checkpoint directory, or True / 'latest' for the "
                                              "newest one in checkpoint_path (False: start fresh).")
-    output_path: str = arg("crosscoder_output", "Where the trained crosscoder, config and metrics go.")
-    overwrite_output: bool = arg(False, "Allow writing into a non-empty output_path.")
-    # --- speed ---
-    compile_crosscoder: bool = arg(False, "torch.compile the crosscoder's loss.")
-    autocast: bool = arg(False, "bf16 autocast for the crosscoder (GPU).")
-    # --- hub ---
+    log_to_wandb: bool = arg(False, "Log to Weights & Biases (WANDB_MODE=offline works).")
+    wandb_project: str = arg("hf_crosscoder", "wandb project.")
+    wandb_entity: str | None = arg(None, "wandb entity.")
+    run_name: str | None = arg(None, "Run name; default derived from architecture, d_sae and hooks.")
     hf_repo_id: str | None = arg(None, "Hub repo to publish to, e.g. org/pythia70m-cc.")
     push_to_hub: bool = arg(False, "Publish to hf_repo_id.")
     hub_private: bool = arg(False, "Create the hub repo private.")
     hub_strategy: str = arg("end", "'end': publish once at the end; 'checkpoint': also every checkpoint.")
+
+    def validate_output_args(self) -> None:
+        check_range(self, ("n_checkpoints",), 0)
+        resume = self.resume_from_checkpoint
+        if resume is not None and not isinstance(resume, (str, bool, os.PathLike)):
+            raise ValueError(f"resume_from_checkpoint={resume!r} must be True/False, 'latest' or a checkpoint path.")
+        _choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
+        if self.push_to_hub and not self.hf_repo_id:
+            raise ValueError("push_to_hub=True needs hf_repo_id (e.g. 'org/pythia70m-cc').")
+
+
+# The help groups of the command line, in order (cli.py prints --help by these)
+ARG_GROUPS = (("model and data", HarvestArgs), ("crosscoder", CrosscoderArgs), ("activations store", StoreArgs),
+              ("training", TrainerArgs), ("evaluation", EvalArgs), ("output, checkpoints and Hub", OutputArgs))
+
+
+@dataclass
+class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, OutputArgs, EvalArgs, TrainerArgs, StoreArgs, HarvestArgs):
+    """Everything one training run needs: the crosscoder's hyper-parameters, what to harvest from which
+    model and data, plus the run's own fields (one dataclass per group: `ARG_GROUPS`).
+
+    Names and defaults follow SAELens where it has them. `train_batch_size_tokens` and `training_tokens`
+    are global: under data parallelism each of N processes trains on 1/N of every batch, so the same
+    config gives the same optimization on 1 or N devices. Validated here (all that can be checked
+    without the model) and again once the model's config is read (d_model). Never mutated by training.
+    """
+
+    d_sae: int | None = arg(None, "Number of latents; default expansion_factor * d_in.")
+    expansion_factor: int | None = arg(None, "d_sae = expansion_factor * d_in when d_sae is not given "
+                                       "(default 4).")
 
     def __post_init__(self) -> None:
         if self.d_sae is None:
@@ -344,32 +434,15 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, HarvestArgs):
                 raise ValueError(f"expansion_factor must be a positive integer; got {self.expansion_factor!r}.")
             self.d_sae = (self.expansion_factor or 4) * self.d_model * len(self.hook_names_in or [0])
         validate_crosscoder_args(self)
-        super().__post_init__()  # HarvestArgs: the model, data and harvesting fields
-        self._validate_run()
-
-    def _validate_run(self) -> None:
-        check_positive(self, ("train_batch_size_tokens", "n_batches_in_buffer", "dead_feature_window",
-                              "feature_sampling_window", "wandb_log_frequency", "eval_every_n_wandb_logs",
-                              "n_eval_batches", "n_batches_for_norm_estimate"))
-        check_range(self, ("lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps", "n_checkpoints",
-                           "max_grad_norm", "adam_beta1", "adam_beta2"), 0)
-        check_range(self, ("lr",), 0, strict=True)
-        if self.lr_end is not None:
-            check_range(self, ("lr_end",), 0)
-        if max(self.adam_beta1, self.adam_beta2) >= 1:
-            raise ValueError(f"adam_beta1/adam_beta2 must be < 1; got {self.adam_beta1}, {self.adam_beta2}.")
+        HarvestArgs.__post_init__(self)  # the model, data and harvesting fields
+        self.validate_store_args()
+        self.validate_trainer_args()
+        self.validate_eval_args()
+        self.validate_output_args()
         if self.training_tokens < self.train_batch_size_tokens:
             raise ValueError(f"training_tokens={self.training_tokens} is smaller than one batch "
                              f"(train_batch_size_tokens={self.train_batch_size_tokens}); raise "
                              "training_tokens or lower train_batch_size_tokens.")
-        if self.n_batches_in_buffer < 2:
-            raise ValueError("n_batches_in_buffer must be >= 2 (half the buffer is served while the other "
-                             "half refills).")
-        _choice("normalize_activations", self.normalize_activations, NORMALIZATIONS)
-        _choice("lr_scheduler_name", self.lr_scheduler_name, LR_SCHEDULERS)
-        _choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
-        if self.push_to_hub and not self.hf_repo_id:
-            raise ValueError("push_to_hub=True needs hf_repo_id (e.g. 'org/pythia70m-cc').")
 
     @property
     def total_training_steps(self) -> int:

@@ -279,9 +279,3 @@ class TokenStream:
         self.epoch, self.doc_index = int(state["epoch"]), int(state["doc_index"])
         self.offset, self.sequences_yielded = int(state["offset"]), int(state["sequences_yielded"])
         self._rows = None  # regenerated lazily from the restored position
-
-
-def iter_token_batches(cfg: Any, tokenizer: Any, batch_size: int, max_epochs: int | None = None) -> Iterator[Tensor]:
-    """LongTensor [batch_size, context_size] batches of this process's shard: endless (wrapping around
-    the dataset), or `max_epochs` passes (the last batch may be smaller)."""
-    return TokenStream(cfg, tokenizer, max_epochs=max_epochs).iter_batches(batch_size)

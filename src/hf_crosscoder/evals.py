@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .hooks import forward_kwargs, splice
+from .metrics import dead_and_dense_fractions, density_log10
 from .modeling import Crosscoder
 
-DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens is "dense" (a convention)
 LOGITS_CHUNK_ELEMENTS = 2**25  # CE evals: prompts per LM forward so that one logits tensor is <= 128 MiB
 
 
@@ -32,10 +32,16 @@ class _Sums:
         self.sum_y2 = torch.zeros(n_out, d_model, **z)
         self.fires = torch.zeros(d_sae, **z)
         self.n = torch.zeros((), **z)
-        self.ce = torch.zeros(3 * n_out + 2, **z)  # clean, [spliced, zero, kl] per hook, token count
+        # CE sums over predicted tokens: the clean model, and per output hook spliced / zero-ablated / KL
+        self.ce_clean = torch.zeros((), **z)
+        self.ce_spliced = torch.zeros(n_out, **z)
+        self.ce_zero = torch.zeros(n_out, **z)
+        self.kl = torch.zeros(n_out, **z)
+        self.n_predicted = torch.zeros((), **z)
 
     def tensors(self) -> list[Tensor]:
-        return [self.sse, self.sum_y, self.sum_y2, self.fires, self.n, self.ce]
+        return [self.sse, self.sum_y, self.sum_y2, self.fires, self.n, self.ce_clean, self.ce_spliced,
+                self.ce_zero, self.kl, self.n_predicted]
 
 
 def is_causal_lm(model) -> bool:
@@ -110,7 +116,7 @@ def _accumulate_ce(sums: _Sums, store, tokens: Tensor, recon_norm: Tensor, keep:
     rows = max(1, LOGITS_CHUNK_ELEMENTS // (s * vocab))
     for i in range(0, b, rows):
         _accumulate_ce_rows(sums, store, tokens[i:i + rows], recon[i:i + rows], keep.view(b, s)[i:i + rows])
-    sums.ce[-1] += b * (s - 1)
+    sums.n_predicted += b * (s - 1)
 
 
 def _accumulate_ce_rows(sums: _Sums, store, tokens: Tensor, recon: Tensor, keep: Tensor) -> None:
@@ -118,7 +124,7 @@ def _accumulate_ce_rows(sums: _Sums, store, tokens: Tensor, recon: Tensor, keep:
     clean_logp = _next_token_logp(model(tokens, **kwargs).logits)
     clean_p = clean_logp.exp()
     targets = tokens[:, 1:, None]
-    sums.ce[0] -= clean_logp.gather(-1, targets).sum()
+    sums.ce_clean -= clean_logp.gather(-1, targets).sum()
     for j, hook in enumerate(store.hook_names_out):
         raw = recon[:, :, j] / store.scale_out[j]
 
@@ -127,11 +133,11 @@ def _accumulate_ce_rows(sums: _Sums, store, tokens: Tensor, recon: Tensor, keep:
 
         with splice(model, {hook: with_recon}):
             spliced_logp = _next_token_logp(model(tokens, **kwargs).logits)
-        sums.ce[1 + 3 * j] -= spliced_logp.gather(-1, targets).sum()
-        sums.ce[3 + 3 * j] += (clean_p * (clean_logp - spliced_logp)).sum()  # KL(clean || spliced)
+        sums.ce_spliced[j] -= spliced_logp.gather(-1, targets).sum()
+        sums.kl[j] += (clean_p * (clean_logp - spliced_logp)).sum()  # KL(clean || spliced)
         del spliced_logp
         with splice(model, {hook: torch.zeros_like}):
-            sums.ce[2 + 3 * j] -= _next_token_logp(model(tokens, **kwargs).logits).gather(-1, targets).sum()
+            sums.ce_zero[j] -= _next_token_logp(model(tokens, **kwargs).logits).gather(-1, targets).sum()
 
 
 def _next_token_logp(logits: Tensor) -> Tensor:
@@ -152,25 +158,24 @@ def _finish(sums: _Sums, hooks: list[str], causal: bool) -> dict:
     m["fvu_normalized"], m["explained_variance_normalized"] = fvu_all, 1 - fvu_all
     density = sums.fires / n
     m["l0"] = (sums.fires.sum() / n).item()
-    m["dead_fraction"] = (density == 0).double().mean().item()
-    m["dense_fraction"] = (density > DENSE_THRESHOLD).double().mean().item()
-    m["feature_density_log10"] = torch.log10(density + 1e-10).float().tolist()
+    m["dead_fraction"], m["dense_fraction"] = dead_and_dense_fractions(density)
+    m["feature_density_log10"] = density_log10(density).float().tolist()
     m.update(_finish_ce(sums, hooks) if causal else {"ce_loss_clean": "n/a"})
     return m
 
 
 def _finish_ce(sums: _Sums, hooks: list[str]) -> dict:
-    n_pred = sums.ce[-1].clamp(min=1)
-    clean = (sums.ce[0] / n_pred).item()
+    n_pred = sums.n_predicted.clamp(min=1)
+    clean = (sums.ce_clean / n_pred).item()
     m: dict = {"ce_loss_clean": clean}
     for j, hook in enumerate(hooks):
-        spliced = (sums.ce[1 + 3 * j] / n_pred).item()
-        zero = (sums.ce[2 + 3 * j] / n_pred).item()
+        spliced = (sums.ce_spliced[j] / n_pred).item()
+        zero = (sums.ce_zero[j] / n_pred).item()
         m[f"ce_loss_spliced/{hook}"] = spliced
         m[f"ce_loss_zero_ablated/{hook}"] = zero
         gap = zero - clean
         m[f"ce_loss_score/{hook}"] = (zero - spliced) / gap if abs(gap) > 1e-12 else math.nan
-        m[f"kl_div/{hook}"] = (sums.ce[3 + 3 * j] / n_pred).item()
+        m[f"kl_div/{hook}"] = (sums.kl[j] / n_pred).item()
     return m
 
 

@@ -30,47 +30,19 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
-from .config import ARG_DEFAULTS, CrosscoderConfig
+from .config import CrosscoderConfig, hook_union
+from .metrics import PER_HOOK_COLUMNS, SUMMARY_ROWS
 from .naming import public_dataset_name, public_model_name
 
 LIBRARY_NAME = "hf_crosscoder"
 BASE_TAGS = ("crosscoder", "sparse-autoencoder", "interpretability")
 DEFAULT_LICENSE = "apache-2.0"
 DEFAULT_COMMIT_MESSAGE = "Upload crosscoder with hf_crosscoder"
-RUNNER_MODULE = "hf_crosscoder.llm_crosscoder_training_runner"
 # files of an output folder that belong on the Hub: weights, config, card, plots, metrics / run configs
 UPLOAD_PATTERNS = ("*.safetensors", "*.json", "*.png", "*.yaml", "*.yml", "README.md")
 INDEX_MARKER = "<!-- hf_crosscoder:index -->"  # marks a root card we generated (and may regenerate)
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-_ARCH_KEYS = {
-    "crosscoder": ("l1_coefficient", "sparsity_decoder_norm"),
-    "skip_crosscoder": ("l1_coefficient", "sparsity_decoder_norm"),
-    "jumprelu_crosscoder": ("l1_coefficient", "jumprelu_sparsity", "jumprelu_bandwidth", "jumprelu_init_threshold",
-                            "jumprelu_tanh_scale", "jumprelu_pre_act_coefficient", "jumprelu_pre_act_latents",
-                            "sparsity_decoder_norm"),
-    "topk_crosscoder": ("k", "topk_ranking", "k_aux", "aux_coefficient"),
-    "batchtopk_crosscoder": ("k", "topk_ranking", "k_aux", "aux_coefficient", "batchtopk_threshold_momentum"),
-}
-
-_PER_HOOK_COLUMNS = (
-    ("FVU", "fvu_normalized"),
-    ("explained variance", "explained_variance_normalized"),
-    ("MSE", "mse_normalized"),
-    ("CE loss spliced", "ce_loss_spliced"),
-    ("CE loss zero-ablated", "ce_loss_zero_ablated"),
-    ("CE loss score", "ce_loss_score"),
-    ("KL div (clean vs spliced)", "kl_div"),
-)
-_SUMMARY_ROWS = (
-    ("FVU (all output hooks)", "fvu_normalized"),
-    ("explained variance (all output hooks)", "explained_variance_normalized"),
-    ("L0 (active latents per token)", "l0"),
-    ("dead fraction", "dead_fraction"),
-    ("dense fraction (fires on > 10% of tokens)", "dense_fraction"),
-    ("CE loss clean", "ce_loss_clean"),
-)
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -175,7 +147,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 
 
 def _hooks_table(config: Any) -> str:
-    hooks = list(dict.fromkeys([*config.hook_names_in, *config.hook_names_out]))
+    hooks = hook_union(config.hook_names_in, config.hook_names_out)
     rows = []
     for hook in hooks:
         reads = hook in config.hook_names_in
@@ -192,16 +164,11 @@ def _hooks_table(config: Any) -> str:
 
 def _hyper_rows(crosscoder: Any) -> list[tuple[str, str]]:
     c = crosscoder.config
-    rows = [("architecture", f"`{c.architecture}`"), ("d_model", _fmt(c.d_model)),
-            ("d_in (= d_model x inputs)", _fmt(c.d_in)), ("d_out (= d_model x outputs)", _fmt(c.d_out)),
-            ("d_sae (latents)", _fmt(c.d_sae)), ("expansion (d_sae / d_in)", _fmt(c.d_sae / c.d_in))]
-    for key in _ARCH_KEYS.get(c.architecture, tuple(k for k in ARG_DEFAULTS if k not in ("architecture",
-                                                      "d_model", "d_sae", "hook_names_in", "hook_names_out"))):
-        rows.append((key, _fmt(getattr(c, key, None))))
-    threshold = getattr(crosscoder, "threshold", None)
-    if c.architecture == "batchtopk_crosscoder" and threshold is not None:
-        rows.append(("inference threshold (decoder-scaled)", _fmt(float(threshold))))
-    return rows
+    rows = [("architecture", f"`{c.architecture}`"), ("layer structure", f"`{c.layer_structure}`"),
+            ("d_model", _fmt(c.d_model)), ("d_in (= d_model x inputs)", _fmt(c.d_in)),
+            ("d_out (= d_model x outputs)", _fmt(c.d_out)), ("d_sae (latents)", _fmt(c.d_sae)),
+            ("expansion (d_sae / d_in)", _fmt(c.d_sae / c.d_in))]
+    return rows + [(name, _fmt(value)) for name, value in crosscoder.card_rows()]  # the architecture's own
 
 
 def _normalization_note(config: Any) -> str:
@@ -250,10 +217,10 @@ def _metric(metrics: Mapping[str, Any], key: str) -> str:
 
 def _eval_section(config: Any, metrics: Mapping[str, Any] | None) -> str:
     metrics = metrics or {}
-    rows = [(f"`{hook}`", *(_metric(metrics, f"{key}/{hook}") for _, key in _PER_HOOK_COLUMNS))
+    rows = [(f"`{hook}`", *(_metric(metrics, f"{key}/{hook}") for _, key in PER_HOOK_COLUMNS))
             for hook in config.hook_names_out]
-    per_hook = _table(("output hook", *(name for name, _ in _PER_HOOK_COLUMNS)), rows)
-    summary = _table(("metric", "value"), [(name, _metric(metrics, key)) for name, key in _SUMMARY_ROWS])
+    per_hook = _table(("output hook", *(name for name, _ in PER_HOOK_COLUMNS)), rows)
+    summary = _table(("metric", "value"), [(name, _metric(metrics, key)) for name, key in SUMMARY_ROWS])
     note = ("Reconstruction metrics are computed in normalized activation space (every hook weighs alike). "
             "CE loss score = (zero-ablated - spliced) / (zero-ablated - clean): 1 is a perfect splice. "
             "'n/a': not measured (e.g. CE metrics of encoder models).")
@@ -313,7 +280,7 @@ def build_model_card(crosscoder: Any, metrics: Mapping[str, Any] | None = None,
     from `run_config`); `repo_id` / `subfolder` go into the usage snippet.
     """
     config = crosscoder.config
-    hooks = ", ".join(dict.fromkeys([*config.hook_names_in, *config.hook_names_out]))
+    hooks = ", ".join(hook_union(config.hook_names_in, config.hook_names_out))
     model = public_model_name(config.model_name)[0] if config.model_name else None
     on_model = f" on {model}" if model else ""
     kind = crosscoder_kind(config)

@@ -118,7 +118,7 @@ class LanguageModelCrosscoderTrainingRunner:
         set_seed(cfg.seed)
         store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
         crosscoder = Crosscoder(cfg.crosscoder_config(**self._provenance(store)))
-        trainer = CrosscoderTrainer(cfg, crosscoder, acc)
+        trainer = CrosscoderTrainer(cfg.trainer_args(), crosscoder, acc, total_steps=cfg.total_training_steps)
         if resume is not None:  # before touching the scales: the checkpoint's store holds them
             load_checkpoint(resume, trainer, store, meta)
         if acc.is_main_process:  # only now that the model, data and checkpoint passed their checks

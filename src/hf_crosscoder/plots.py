@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .metrics import DENSE_THRESHOLD, is_dead_log10
+
 logger = logging.getLogger(__name__)
 
 SPAN_THRESHOLD = 0.1  # a latent "uses" a layer when that layer holds > 10% of its decoder norm
@@ -89,7 +91,7 @@ def decoder_norm_shares(crosscoder) -> torch.Tensor:
     The saved model has the per-hook normalization folded into W_dec; `output_norm_weights()` undoes
     that, or layers with larger raw activations would swamp the profile.
     """
-    norms = crosscoder.W_dec.detach().float().norm(dim=-1) * crosscoder.output_norm_weights().float()
+    norms = crosscoder.decoder_norms_per_layer().detach().float()
     return norms / norms.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
 
@@ -109,12 +111,13 @@ def layer_span(shares: torch.Tensor, threshold: float = SPAN_THRESHOLD) -> torch
 def plot_feature_density(density_log10: list[float], path: Path) -> Path:
     """Histogram of log10 firing frequency of the latents that fired; dead ones are counted in the title."""
     values = torch.tensor(density_log10, dtype=torch.float64)
-    dead = values <= -9.99  # log10(0 + 1e-10): never fired during the eval
+    dead = is_dead_log10(values)  # never fired during the eval
     alive = values[~dead].tolist()
     fig, (ax,) = _figure()
     if alive:
         ax.hist(alive, bins=50, color="tab:blue")
-    ax.axvline(math.log10(0.1), color="tab:red", linestyle="--", label="dense (fires on > 10% of tokens)")
+    ax.axvline(math.log10(DENSE_THRESHOLD), color="tab:red", linestyle="--",
+               label=f"dense (fires on > {DENSE_THRESHOLD:.0%} of tokens)")
     ax.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
     ax.set_ylabel("latents")
     ax.set_title(f"Feature density: {len(alive)} alive, {int(dead.sum())} dead (not shown) of {len(values)}")
@@ -169,7 +172,7 @@ def plot_training_curves(rows: list[dict], path: Path) -> Path:
 # ---------------------------------------------------------------- entry points
 def _dead_latents(metrics: dict | None) -> torch.Tensor | None:
     density = (metrics or {}).get("feature_density_log10")
-    return None if density is None else torch.tensor(density) <= -9.99
+    return None if density is None else is_dead_log10(torch.tensor(density))
 
 
 def _draw_signature(out: Path, crosscoder, metrics: dict | None) -> list[Path]:

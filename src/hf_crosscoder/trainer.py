@@ -16,11 +16,12 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from .config import LanguageModelCrosscoderRunnerConfig
+from .config import TrainerArgs
+from .metrics import dead_and_dense_fractions
 from .modeling import Crosscoder
 
 
-def lr_lambda(cfg: LanguageModelCrosscoderRunnerConfig, total_steps: int) -> Callable[[int], float]:
+def lr_lambda(cfg: TrainerArgs, total_steps: int) -> Callable[[int], float]:
     """Multiplier of `cfg.lr` at a step: linear warmup, then constant / cosine / linear to `lr_end`,
     with an optional linear decay to `lr_end` over the last `lr_decay_steps` (the crosscoder recipe)."""
     end = (cfg.lr_end if cfg.lr_end is not None else cfg.lr / 10) / cfg.lr
@@ -41,7 +42,7 @@ def lr_lambda(cfg: LanguageModelCrosscoderRunnerConfig, total_steps: int) -> Cal
     return factor
 
 
-def sparsity_scale(cfg: LanguageModelCrosscoderRunnerConfig, step: int) -> float:
+def sparsity_scale(cfg: TrainerArgs, step: int) -> float:
     """The sparsity coefficient ramps linearly from 0 over `l1_warmup_steps`."""
     return min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
 
@@ -64,7 +65,7 @@ class TrainerState:
         return {"step": self.step, "n_tokens": self.n_tokens, "window_tokens": self.window_tokens}
 
 
-def make_optimizer(cfg: LanguageModelCrosscoderRunnerConfig, crosscoder: Crosscoder) -> torch.optim.Adam:
+def make_optimizer(cfg: TrainerArgs, crosscoder: Crosscoder) -> torch.optim.Adam:
     """Adam; its fused kernel (one pass per tensor) where the parameters' device has one: at crosscoder
     sizes it is ~3x faster than the default multi-tensor path on CPU (bench: 8 vs 27 ms, 12.6M params)."""
     params = list(crosscoder.parameters())
@@ -87,10 +88,11 @@ class CrosscoderTrainer:
     finite weights.
     """
 
-    def __init__(self, cfg: LanguageModelCrosscoderRunnerConfig, crosscoder: Crosscoder,
+    def __init__(self, cfg: TrainerArgs, crosscoder: Crosscoder,
                  accelerator: Accelerator, total_steps: int | None = None) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
+        # a run's config knows its length (training_tokens // batch); a bare TrainerArgs must be told
         self.total_steps = total_steps or cfg.total_training_steps
         optimizer = make_optimizer(cfg, crosscoder)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
@@ -141,12 +143,9 @@ class CrosscoderTrainer:
         if acc.num_processes > 1:  # dead latents are global: a latent alive anywhere is alive
             fired = acc.reduce(fired.to(torch.float32), "sum") > 0
             counts = acc.reduce(counts, "sum")
-            cc = self.crosscoder
-            if hasattr(cc, "threshold") and isinstance(cc.threshold, Tensor) and cc.threshold.dim() == 0:
-                # each process took its local batch minimum; the global EMA is the minimum of them
-                cc.threshold.copy_(acc.gather(cc.threshold[None]).min())
+            self.crosscoder.reduce_statistics(lambda t, op: _reduce(acc, t, op))
         st.steps_since_fired += 1
-        st.steps_since_fired[fired] = 0
+        st.steps_since_fired.masked_fill_(fired, 0)  # no boolean indexing: it would wait for the device
         st.fire_counts += counts
         st.window_tokens += out.feature_acts.shape[0] * acc.num_processes
 
@@ -204,11 +203,17 @@ class CrosscoderTrainer:
             metrics[f"fvu/{hook}"] = mse / max(var, 1e-12)
         if st.window_tokens >= cfg.feature_sampling_window * cfg.train_batch_size_tokens:
             density = st.fire_counts.float() / st.window_tokens
-            metrics["dense_fraction"] = (density > 0.1).float().mean().item()
-            metrics["sampled_dead_fraction"] = (density == 0).float().mean().item()
+            metrics["sampled_dead_fraction"], metrics["dense_fraction"] = dead_and_dense_fractions(density)
             st.fire_counts.zero_()
             st.window_tokens = 0
         return metrics
+
+
+def _reduce(acc: Accelerator, t: Tensor, op: str) -> Tensor:
+    """`t` reduced over the processes: 'min' (gathered), else accelerate's 'sum' / 'mean'."""
+    if op == "min":
+        return acc.gather(t[None]).min(0).values
+    return acc.reduce(t, op)
 
 
 def _batch_fire_counts(out) -> Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .config import hook_union
 from .hooks import capture_activations, splice
 
 
@@ -176,6 +177,6 @@ def spliced(crosscoder: nn.Module, model: nn.Module) -> Iterator[nn.Module]:
     Needs every input hook to run before the first output hook (SAEs, transcoders, causal
     crosscoders); an acausal crosscoder raises a ValueError from the forward. Undone on exit."""
     splicer = _Splicer(crosscoder)
-    names = list(dict.fromkeys([*splicer.hooks_in, *splicer.hooks_out]))
+    names = hook_union(splicer.hooks_in, splicer.hooks_out)
     with splice(model, {name: splicer.fn(name) for name in names}):
         yield model
