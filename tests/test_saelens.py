@@ -13,6 +13,7 @@ from hf_crosscoder import Crosscoder, CrosscoderConfig
 from hf_crosscoder.saelens import export_to_saelens, import_from_saelens
 
 D, S = 16, 64
+# what SAE.save_model writes; SAE.load_from_disk raises KeyError without architecture, d_in, d_sae or dtype
 SAE_CFG_KEYS = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
                 "normalize_activations", "reshape_activations", "metadata"}
 
@@ -35,31 +36,59 @@ def trained_like(architecture: str, hook_out: str = "blocks.0.hook_resid_post", 
     return cc.eval()
 
 
-def saelens_forward(folder, x: torch.Tensor) -> torch.Tensor:
-    """SAELens 6.x inference (SAE.process_sae_in, *SAE.encode, *SAE.decode, SkipTranscoder.forward)."""
+def saelens_encode(cfg: dict, w: dict, x: torch.Tensor, batch: bool = False) -> torch.Tensor:
+    """SAELens 6.54 feature activations (SAE.process_sae_in, *SAE.encode; BatchTopK training SAEs
+    encode by top k * batch over the batch when `batch`)."""
+    arch = cfg["architecture"]
+    sae_in = x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True) if "transcoder" not in arch else x
+    h = sae_in @ w["W_enc"] + w["b_enc"]
+    if arch in ("standard", "transcoder", "skip_transcoder"):
+        return h.relu()
+    if arch in ("jumprelu", "jumprelu_transcoder"):  # mask on the raw threshold, not relu'd
+        return h.relu() * (h > w["threshold"])
+    if cfg["rescale_acts_by_decoder_norm"]:
+        h = h * w["W_dec"].norm(dim=-1)
+    if arch == "topk":
+        top = h.topk(cfg["k"], dim=-1)
+        return torch.zeros_like(h).scatter(-1, top.indices, top.values.relu())
+    assert arch in ("batchtopk", "matryoshka_batchtopk") and batch, arch
+    top = h.relu().flatten().topk(int(cfg["k"] * h.shape[0]))
+    return torch.zeros_like(h).flatten().scatter(-1, top.indices, top.values).view(h.shape)
+
+
+def saelens_forward(folder, x: torch.Tensor, batch: bool = False) -> torch.Tensor:
+    """SAELens 6.54 inference (*SAE.encode, *SAE.decode, SkipTranscoder.forward) on a saved folder."""
     cfg = json.loads((folder / "cfg.json").read_text())
     w = load_file(folder / "sae_weights.safetensors")
-    arch = cfg["architecture"]
-    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"] if "transcoder" not in arch else x
-    h = sae_in @ w["W_enc"] + w["b_enc"]
-    W_dec = w["W_dec"]
-    if arch in ("standard", "transcoder", "skip_transcoder"):
-        f = h.relu()
-    elif arch == "jumprelu":
-        f = h.relu() * (h > w["threshold"].relu())
-    elif arch == "jumprelu_transcoder":
-        f = h.relu() * (h > w["threshold"])
-    elif arch == "topk":
-        if cfg["rescale_acts_by_decoder_norm"]:
-            h = h * W_dec.norm(dim=-1)
-        top = h.topk(cfg["k"], dim=-1)
-        f = torch.zeros_like(h).scatter(-1, top.indices, top.values.relu())
-        if cfg["rescale_acts_by_decoder_norm"]:
-            f = f / W_dec.norm(dim=-1)
-    else:
-        raise AssertionError(arch)
-    out = f @ W_dec + w["b_dec"]
-    return out + x @ w["W_skip"].T if arch == "skip_transcoder" else out
+    f = saelens_encode(cfg, w, x, batch)
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        f = f / w["W_dec"].norm(dim=-1)
+    out = f @ w["W_dec"] + w["b_dec"]
+    return out + x @ w["W_skip"].T if cfg["architecture"] == "skip_transcoder" else out
+
+
+def save_saelens(folder, cfg: dict, weights: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+
+
+def random_saelens_weights(seed: int, **extra) -> dict:
+    """Weights as training leaves them: decoder rows of very unequal norm, non-zero biases."""
+    g = torch.Generator().manual_seed(seed)
+    w = {"W_enc": torch.randn(D, S, generator=g) * 0.4, "b_enc": torch.randn(S, generator=g) * 0.1,
+         "W_dec": torch.randn(S, D, generator=g) / D ** 0.5 * (torch.rand(S, 1, generator=g) * 2.8 + 0.2),
+         "b_dec": torch.randn(D, generator=g) * 0.5}
+    return {**w, **extra}
+
+
+def fold_for_inference(w: dict) -> dict:
+    """BatchTopKTrainingSAE.save_inference_model with rescale_acts_by_decoder_norm (topk_sae.py
+    _fold_norm_topk, batchtopk_sae.py): decoder rows to unit norm, the norms into W_enc and b_enc, and
+    topk_threshold as the JumpReLU threshold of every latent."""
+    dn = w["W_dec"].norm(dim=-1)
+    return {"W_enc": w["W_enc"] * dn, "b_enc": w["b_enc"] * dn, "W_dec": w["W_dec"] / dn[:, None],
+            "b_dec": w["b_dec"], "threshold": torch.full((S,), float(w["topk_threshold"]))}
 
 
 @pytest.mark.parametrize("architecture,saelens_arch", [
@@ -135,8 +164,8 @@ def test_import_saelens_default_topk_ranks_raw_pre_activations(tmp_path):
     cc = import_from_saelens(tmp_path)
     assert cc.config.topk_ranking == "pre_activation"
     x = torch.randn(200, D)
-    # float32 rounding of the folded b_dec (decoder rows of norm up to ~12 here): 1e-4
-    torch.testing.assert_close(cc(x).reconstruction, saelens_forward(tmp_path, x), rtol=1e-4, atol=1e-4)
+    # the b_dec fold is done in float64 (one rounding), so decoder rows of norm up to ~12 still give 1e-5
+    torch.testing.assert_close(cc(x).reconstruction, saelens_forward(tmp_path, x), rtol=1e-5, atol=1e-5)
     # and the ranking matters here: decoder-scaled ranking picks other latents
     other = import_from_saelens(tmp_path)
     other.config.topk_ranking = "decoder_scaled"
@@ -183,3 +212,108 @@ def test_import_refuses_runtime_normalization(tmp_path):
         import_from_saelens(tmp_path)
     with pytest.raises(ValueError, match="not a SAELens SAE folder"):
         import_from_saelens(tmp_path / "missing")
+
+
+def test_import_jumprelu_with_negative_thresholds(tmp_path):
+    """SAELens 6.54's JumpReLUSAE masks on `hidden_pre > threshold` (raw, possibly negative) times relu:
+    the same as our relu(theta) gate."""
+    w = random_saelens_weights(4, threshold=torch.linspace(-0.5, 1.0, S))
+    cfg = {"architecture": "jumprelu", "d_in": D, "d_sae": S, "dtype": "float32", "apply_b_dec_to_input": True,
+           "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.0.hook_resid_post"}}
+    save_saelens(tmp_path, cfg, w)
+    cc = import_from_saelens(tmp_path)
+    x = torch.randn(200, D) * 2
+    out = cc(x)
+    torch.testing.assert_close(out.feature_acts, saelens_encode(cfg, w, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.reconstruction, saelens_forward(tmp_path, x), rtol=1e-5, atol=1e-5)
+
+
+def test_pre_6_topk_config_imports_as_topk(tmp_path):
+    """SAELens < 6 wrote TopK as architecture 'standard' + activation_fn_str 'topk' + activation_fn_kwargs.k,
+    flat (hook_point, no sae_lens_version); SAELens 6 loads that as topk, rescale_acts_by_decoder_norm=False."""
+    w = random_saelens_weights(5)
+    cfg = {"architecture": "standard", "d_in": D, "d_sae": S, "dtype": "float32", "device": "cpu",
+           "model_name": "gpt2", "hook_point": "blocks.2.hook_resid_pre", "hook_point_head_index": None,
+           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}, "apply_b_dec_to_input": True,
+           "finetuning_scaling_factor": False, "normalize_activations": "none", "sae_lens_training_version": "3.13.0"}
+    save_saelens(tmp_path, cfg, w)
+    cc = import_from_saelens(tmp_path)
+    assert (cc.config.architecture, cc.config.topk_ranking, cc.config.k) == ("topk_crosscoder", "pre_activation", 3)
+    assert cc.config.hook_names_in == ["blocks.2.hook_resid_pre"]
+    x = torch.randn(200, D) * 2
+    as_topk = {**cfg, "architecture": "topk", "k": 3, "rescale_acts_by_decoder_norm": False}
+    torch.testing.assert_close(cc(x).feature_acts, saelens_encode(as_topk, w, x), rtol=1e-5, atol=1e-5)
+    # the same file with a 6.x version is what it says: a ReLU SAE (activation_fn is not a 6.x field)
+    save_saelens(tmp_path, {**cfg, "metadata": {"sae_lens_version": "6.0.0"}}, w)
+    assert import_from_saelens(tmp_path).config.architecture == "crosscoder"
+
+
+@pytest.mark.parametrize("saelens_arch", ["batchtopk", "matryoshka_batchtopk"])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_import_batchtopk_training_checkpoint(tmp_path, saelens_arch, rescale):
+    """A SAELens trainer checkpoint (save_model of BatchTopKTrainingSAE / MatryoshkaBatchTopKTrainingSAE:
+    k a float, topk_threshold a float64 scalar buffer in units of the ranked score, rescale by default)
+    runs as batchtopk_crosscoder: batch top-k in training mode, and at inference the JumpReLU that
+    SAELens's save_inference_model makes of it (the matryoshka nesting only adds training losses)."""
+    w = random_saelens_weights(6)
+    cfg = {"architecture": saelens_arch, "d_in": D, "d_sae": S, "dtype": "float32", "k": 4.0,
+           "rescale_acts_by_decoder_norm": rescale, "apply_b_dec_to_input": True, "topk_threshold_lr": 0.01,
+           "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.0.hook_resid_post",
+                        "training_architecture": saelens_arch}}
+    if saelens_arch == "matryoshka_batchtopk":
+        cfg["matryoshka_widths"] = [16, S]
+    x = torch.randn(256, D) * 2
+    scores = saelens_encode({**cfg, "architecture": "topk", "k": S}, w, x)  # relu(h) (* ||W_dec||)
+    w["topk_threshold"] = torch.tensor(float(scores.flatten().quantile(1 - 4 / S)), dtype=torch.float64)
+    save_saelens(tmp_path / "ckpt", cfg, w)
+    cc = import_from_saelens(tmp_path / "ckpt")
+    ranking = "decoder_scaled" if rescale else "pre_activation"
+    assert (cc.config.architecture, cc.config.topk_ranking, cc.config.k) == ("batchtopk_crosscoder", ranking, 4)
+    dn = w["W_dec"].norm(dim=-1) if rescale else torch.ones(S)
+    with torch.no_grad():
+        trained = cc.train()(x)
+        torch.testing.assert_close(trained.reconstruction, saelens_forward(tmp_path / "ckpt", x, batch=True),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(trained.feature_acts * dn, saelens_encode(cfg, w, x, batch=True),
+                                   rtol=1e-5, atol=1e-5)
+        inference = fold_for_inference(w) if rescale else {**{k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
+                                                           "threshold": torch.full((S,), float(w["topk_threshold"]))}
+        save_saelens(tmp_path / "inference", {**cfg, "architecture": "jumprelu"}, inference)
+        gated = cc.eval()(x)
+        torch.testing.assert_close(gated.reconstruction, saelens_forward(tmp_path / "inference", x),
+                                   rtol=1e-5, atol=1e-5)
+        assert 2 < (gated.feature_acts > 0).sum(-1).float().mean() < 8  # the threshold gates ~k per token
+
+
+@pytest.mark.parametrize("saelens_arch", ["gated", "abstopk", "jumprelu_skip_transcoder", "temporal"])
+def test_import_refuses_saelens_architectures_we_lack(tmp_path, saelens_arch):
+    cfg = {"architecture": saelens_arch, "d_in": D, "d_sae": S, "k": 4, "apply_b_dec_to_input": False,
+           "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.0.hook_resid_post"}}
+    save_saelens(tmp_path, cfg, random_saelens_weights(7))
+    with pytest.raises(ValueError, match=f"'{saelens_arch}' has no hf_crosscoder equivalent"):
+        import_from_saelens(tmp_path)
+
+
+def test_import_refuses_pre_6_per_head_sae(tmp_path):
+    cfg = {"architecture": "standard", "d_in": D, "d_sae": S, "hook_point": "blocks.0.attn.hook_z",
+           "hook_point_head_index": 3}
+    save_saelens(tmp_path, cfg, random_saelens_weights(8))
+    with pytest.raises(ValueError, match="per-head"):
+        import_from_saelens(tmp_path)
+
+
+def test_import_pre_6_finetuning_scaling_factor(tmp_path):
+    """SAELens < 6 saved `scaling_factor` [d_sae] and, with cfg finetuning_scaling_factor=True, scaled the
+    features by it before decoding (SAELens 6's loader renames it finetuning_scaling_factor; unused
+    otherwise). The import folds it into W_dec."""
+    sf = torch.linspace(0.5, 2.0, S)
+    w = random_saelens_weights(9, scaling_factor=sf)
+    cfg = {"architecture": "standard", "d_in": D, "d_sae": S, "hook_point": "blocks.1.hook_resid_pre",
+           "apply_b_dec_to_input": False, "finetuning_scaling_factor": True}
+    save_saelens(tmp_path, cfg, w)
+    x = torch.randn(50, D)
+    expected = (x @ w["W_enc"] + w["b_enc"]).relu() * sf @ w["W_dec"] + w["b_dec"]
+    torch.testing.assert_close(import_from_saelens(tmp_path)(x).reconstruction, expected, rtol=1e-5, atol=1e-5)
+    save_saelens(tmp_path, {**cfg, "finetuning_scaling_factor": False}, {**w, "scaling_factor": torch.ones(S)})
+    torch.testing.assert_close(import_from_saelens(tmp_path)(x).reconstruction, saelens_forward(tmp_path, x),
+                               rtol=1e-5, atol=1e-5)

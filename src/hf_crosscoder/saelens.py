@@ -1,33 +1,60 @@
 """SAELens interop: one-hook crosscoders to and from SAELens's on-disk format (sae-lens is not needed).
 
-A SAELens SAE folder holds `cfg.json` and `sae_weights.safetensors` (W_enc [d_in, d_sae], W_dec
-[d_sae, d_in], b_enc [d_sae], b_dec [d_in], plus `threshold` [d_sae] for JumpReLU). Format checked
-against SAELens 6.x source (decoderesearch/SAELens, formerly jbloomAus/SAELens):
-`sae_lens/saes/sae.py` (SAEConfig fields d_in, d_sae, dtype, device, apply_b_dec_to_input,
-normalize_activations, reshape_activations, metadata; `save_model` writes `cfg.to_dict()` with
-"architecture"), `saes/topk_sae.py` (k, rescale_acts_by_decoder_norm), `saes/jumprelu_sae.py`
-(mask `hidden_pre > threshold.relu()`), `saes/batchtopk_sae.py` (BatchTopK is saved for inference as
-JumpReLU with the threshold on every latent), `saes/transcoder.py` (architectures "transcoder",
-"skip_transcoder", "jumprelu_transcoder"; d_out; W_skip [d_out, d_in]; apply_b_dec_to_input must be
-False), and `loading/pretrained_sae_loaders.py` (metadata keys model_name, hook_name, hook_name_out,
-context_size, dataset_path, ...; configs whose metadata.sae_lens_version is below 6.0 are read as
-the pre-6 flat layout, so we write "6.0.0" as the format version).
+Verified against the real sae-lens 6.54.12 (torch 2.13 CPU, its own venv): scripts/saelens_roundtrip.py
+builds that venv, exports every architecture and loads it with `SAE.load_from_disk` (and
+`TrainingSAE.load_from_disk` where SAELens has a training class), and imports SAEs that sae-lens itself
+built and saved, comparing outputs both ways (all within 1e-5 relative). tests/test_saelens.py checks our
+side against a re-statement of the math below, without sae-lens.
+
+Folder (`SAE.save_model`): `cfg.json` = `cfg.to_dict()`: d_in, d_sae, dtype ("float32"), device,
+apply_b_dec_to_input (default True), normalize_activations ("none"), reshape_activations ("none"),
+architecture, metadata {sae_lens_version, sae_lens_training_version, model_name, hook_name, hook_head_index,
+context_size, dataset_path, ...; transcoders: hook_name_out}; plus per class: topk k and
+rescale_acts_by_decoder_norm (TopKSAEConfig default False, TopKTrainingSAEConfig default True);
+transcoders d_out. `sae_weights.safetensors`: W_enc [d_in, d_sae], W_dec [d_sae, d_in | d_out], b_enc
+[d_sae], b_dec [d_in | d_out]; jumprelu / jumprelu_transcoder threshold [d_sae]; skip_transcoder W_skip
+[d_out, d_in]. `load_from_disk` needs architecture, d_in, d_sae and dtype (KeyError without them; the
+other fields default, unknown top-level keys are dropped, metadata keeps any key), and a state dict with
+exactly the class's parameters (strict load_state_dict: an extra tensor is an error).
+A config whose sae_lens_version (top level or metadata) is missing or below 6 is read as the pre-6 flat
+layout: hook_point -> hook_name, activation_fn_str -> activation_fn, and activation_fn 'topk' with
+activation_fn_kwargs.k -> architecture 'topk' (loading/pretrained_sae_loaders.py: handle_config_defaulting);
+so we write "6.0.0" as the format version.
+
+Math (sae_lens/saes/*.py): sae_in = x - b_dec * apply_b_dec_to_input (transcoders: x; SAELens refuses
+apply_b_dec_to_input=True there); h = sae_in @ W_enc + b_enc. standard / transcoder: relu(h). jumprelu /
+jumprelu_transcoder: relu(h) * (h > threshold), threshold raw (negatives act as 0). topk: with rescale,
+h *= ||W_dec|| (row norms); keep the k largest h, relu; decode divides the activations by ||W_dec||
+again, so its feature activations are ours times ||W_dec||. Decode: f @ W_dec + b_dec; skip_transcoder's
+forward adds x @ W_skip.T (decode alone does not). Training classes: TopKTrainingSAE as topk;
+BatchTopKTrainingSAE / MatryoshkaBatchTopKTrainingSAE (architectures "batchtopk" /
+"matryoshka_batchtopk", k a float) keep the int(k * batch) largest relu(h [* ||W_dec||]) of the whole
+batch, with a float64 buffer topk_threshold in the units of that score; JumpReLUTrainingSAE masks
+h * (h > threshold), threshold projected to >= 0 in training. Checkpoints (trainer: `save_model`) keep the
+training architecture; the final SAE (runner: `save_inference_model`) is the inference one: TopK with
+rescale gets ||W_dec|| folded into W_enc and b_enc (unit decoder rows, flag kept), BatchTopK and
+Matryoshka BatchTopK become "jumprelu" with topk_threshold on every latent (after that fold).
 
 Export: the crosscoder must run on raw activations (normalization folded, or never used); one input
 hook and one output hook. Different in/out hooks export as SAELens transcoders (d_out, and hook_name_out
-both in metadata, where SAELens 6 reads it, and at the top level, where earlier 6.x transcoder configs
-had it). Mapping: crosscoder -> standard | transcoder; skip_crosscoder -> skip_transcoder;
+in metadata, where SAELens 6 reads it; also at the top level, for readers of earlier layouts: SAELens
+drops it there).
+Mapping: crosscoder -> standard | transcoder; skip_crosscoder -> skip_transcoder (SAELens has no skip SAE);
 jumprelu_crosscoder -> jumprelu | jumprelu_transcoder (threshold = relu(theta)); topk_crosscoder -> topk
 with rescale_acts_by_decoder_norm=True (SAELens then ranks h * ||W_dec||, our relu(h) * decoder norm: the
-same latents; its feature activations are ours times ||W_dec||, its decode divides them back), or, for
-topk_ranking='pre_activation', rescale_acts_by_decoder_norm=False (both rank raw h: SAELens's default);
-batchtopk_crosscoder -> jumprelu (as SAELens saves BatchTopK), per-latent threshold = our decoder-scaled
-threshold / decoder norm.
+same latents, since with one output hook our normalized-space norm is ||W_dec|| times a constant), or,
+for topk_ranking='pre_activation', rescale_acts_by_decoder_norm=False (both rank raw h: SAELens's
+default); batchtopk_crosscoder -> jumprelu | jumprelu_transcoder (as SAELens saves BatchTopK),
+per-latent threshold = our decoder-scaled threshold / decoder norm. No SAELens TopK transcoder exists.
 
 Import reverses it (standard -> crosscoder, jumprelu -> jumprelu_crosscoder with theta = threshold,
-topk -> topk_crosscoder, batchtopk -> batchtopk_crosscoder, transcoder / skip_transcoder /
-jumprelu_transcoder -> the same with hook_names_out = [hook_name_out]) and folds SAELens's
-`apply_b_dec_to_input` into the encoder bias: b_enc' = b_enc - b_dec @ W_enc.
+topk -> topk_crosscoder, batchtopk and matryoshka_batchtopk checkpoints -> batchtopk_crosscoder with
+threshold = topk_threshold, transcoder / skip_transcoder / jumprelu_transcoder -> the same with
+hook_names_out = [hook_name_out]; rescale_acts_by_decoder_norm -> topk_ranking 'decoder_scaled', else
+'pre_activation') and folds `apply_b_dec_to_input` into the encoder bias, in float64: b_enc' = b_enc -
+b_dec @ W_enc. Refused with a ValueError: architectures we lack (gated, abstopk, jumprelu_skip_transcoder,
+temporal, matching_pursuit), normalize_activations other than "none", hook_z / per-head SAEs,
+transcoders with d_out != d_in, and non-integer k.
 """
 
 from __future__ import annotations
@@ -58,7 +85,10 @@ _IMPORT_ARCH = {
     "standard": "crosscoder", "transcoder": "crosscoder", "skip_transcoder": "skip_crosscoder",
     "jumprelu": "jumprelu_crosscoder", "jumprelu_transcoder": "jumprelu_crosscoder",
     "topk": "topk_crosscoder", "batchtopk": "batchtopk_crosscoder",
+    # a Matryoshka BatchTopK checkpoint runs as BatchTopK: the nesting only adds training losses
+    "matryoshka_batchtopk": "batchtopk_crosscoder",
 }
+_BATCHTOPK = ("batchtopk", "matryoshka_batchtopk")  # SAELens training classes: rescale by default
 _TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
 
 
@@ -160,6 +190,25 @@ def _field(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
     return cfg.get(key, default) if value is None else value
 
 
+def _is_pre_6(cfg: dict[str, Any]) -> bool:
+    """SAELens reads a config without metadata.sae_lens_version (or the top-level one) >= 6 as the pre-6
+    flat layout (loading/pretrained_sae_loaders.py: handle_config_defaulting)."""
+    version = str(cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version") or "0")
+    major = version.split(".")[0]
+    return not major.isdigit() or int(major) < 6
+
+
+def _architecture(cfg: dict[str, Any]) -> str:
+    """Before 6.0 a TopK SAE was architecture 'standard' with activation_fn(_str) 'topk' and
+    activation_fn_kwargs.k; SAELens 6 loads it as 'topk' (rescale_acts_by_decoder_norm=False)."""
+    architecture = cfg.get("architecture") or "standard"
+    if _is_pre_6(cfg):
+        activation = cfg.get("activation_fn") or cfg.get("activation_fn_str")
+        if activation == "topk" and (cfg.get("activation_fn_kwargs") or {}).get("k") is not None:
+            return "topk"
+    return architecture
+
+
 def _check_importable(cfg: dict[str, Any], architecture: str) -> None:
     if architecture not in _IMPORT_ARCH:
         raise ValueError(f"SAELens architecture {architecture!r} has no hf_crosscoder equivalent; importable: "
@@ -169,7 +218,8 @@ def _check_importable(cfg: dict[str, Any], architecture: str) -> None:
         raise ValueError(f"normalize_activations={norm!r}: this SAE rescales its inputs at run time (or needs a "
                          "norm scaling factor not stored in its folder). Fold it first (SAELens: "
                          "sae.fold_activation_norm_scaling_factor(factor); sae.save_model(folder)).")
-    if (cfg.get("reshape_activations") or "none") != "none" or _field(cfg, "hook_head_index") is not None:
+    head = _field(cfg, "hook_head_index", _field(cfg, "hook_point_head_index"))
+    if (cfg.get("reshape_activations") or "none") != "none" or head is not None:
         raise ValueError("hook_z / per-head SAEs are not supported: hf_crosscoder hooks read whole "
                          "residual-width activations.")
     if _field(cfg, "hook_name") is None and _field(cfg, "hook_point") is None:
@@ -183,12 +233,13 @@ def _imported_config(cfg: dict[str, Any], architecture: str) -> CrosscoderConfig
     if d_out != d_in:
         raise ValueError(f"d_out={d_out} differs from d_in={d_in}; a crosscoder reads and writes one width "
                          "(d_model), so this transcoder cannot be imported.")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 32
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k") if _is_pre_6(cfg) else None
+    k = k or cfg.get("k") or 32
     if float(k) != int(k):
         raise ValueError(f"k={k} is not a whole number; hf_crosscoder's k counts latents per token.")
     scale_in, scale_out = _field(cfg, "activation_scale_in"), _field(cfg, "activation_scale_out")
     # SAELens's TopK default (rescale_acts_by_decoder_norm=False) ranks raw pre-activations, as sparsify does
-    rescale = cfg.get("rescale_acts_by_decoder_norm", architecture == "batchtopk")
+    rescale = cfg.get("rescale_acts_by_decoder_norm", architecture in _BATCHTOPK)
     return CrosscoderConfig(
         topk_ranking="decoder_scaled" if rescale else "pre_activation",
         architecture=_IMPORT_ARCH[architecture], d_model=d_in, d_sae=int(cfg["d_sae"]), k=int(k),
@@ -200,16 +251,21 @@ def _imported_config(cfg: dict[str, Any], architecture: str) -> CrosscoderConfig
 
 def _imported_state(cfg: dict[str, Any], architecture: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
     W_enc, W_dec, b_enc, b_dec = state["W_enc"], state["W_dec"], state["b_enc"], state["b_dec"]
-    if "finetuning_scaling_factor" in state:  # older SAELens: features scaled before decoding
-        W_dec = W_dec * state["finetuning_scaling_factor"][:, None]
+    # SAELens < 6: features scaled before decoding (its `scaling_factor`, used when cfg says so)
+    scale = state.get("finetuning_scaling_factor")
+    if scale is None and cfg.get("finetuning_scaling_factor"):
+        scale = state.get("scaling_factor")
+    if scale is not None:
+        W_dec = W_dec * scale[:, None]
     if cfg.get("apply_b_dec_to_input", True) and architecture not in _TRANSCODERS:
-        b_enc = b_enc - b_dec @ W_enc  # (x - b_dec) @ W_enc + b_enc == x @ W_enc + b_enc'
+        # (x - b_dec) @ W_enc + b_enc == x @ W_enc + b_enc' (the fold in float64: one rounding, not two)
+        b_enc = (b_enc.double() - b_dec.double() @ W_enc.double()).to(b_enc.dtype)
     out = {"W_enc": W_enc[None], "W_dec": W_dec[:, None], "b_enc": b_enc, "b_dec": b_dec[None]}
     if architecture in ("jumprelu", "jumprelu_transcoder"):
         out["theta"] = state["threshold"] if "threshold" in state else state["log_threshold"].exp()
     if architecture == "skip_transcoder":
         out["W_skip"] = state["W_skip"].T
-    if architecture == "batchtopk" and "topk_threshold" in state:
+    if architecture in _BATCHTOPK and "topk_threshold" in state:
         out["threshold"] = state["topk_threshold"].reshape(())
     return out
 
@@ -219,7 +275,7 @@ def import_from_saelens(folder: str | Path) -> Crosscoder:
     same outputs on raw activations (feature activations of SAELens topk SAEs with
     rescale_acts_by_decoder_norm come out divided by ||W_dec||, i.e. unscaled)."""
     cfg, state = _read_folder(Path(folder))
-    architecture = cfg.get("architecture", "standard")
+    architecture = _architecture(cfg)
     _check_importable(cfg, architecture)
     config = _imported_config(cfg, architecture)
     weights = _imported_state(cfg, architecture, state)
