@@ -124,6 +124,11 @@ class Crosscoder(PreTrainedModel):
         """The gate an exported / inference model applies (JumpReLU, BatchTopK), else None."""
         return None
 
+    def pre_activation_threshold(self) -> Tensor | None:
+        """[d_sae] the JumpReLU threshold on the pre-activation h equivalent to this model's inference gate
+        (f = h where h > threshold), for exports to formats that know JumpReLU; None without a gate."""
+        return None
+
     def reduce_statistics(self, reduce: Callable[[Tensor, str], Tensor]) -> None:
         """Make statistics kept outside the optimizer equal on every process (`reduce(t, 'min'|'sum'|'mean')`
         returns the reduced tensor)."""
@@ -341,6 +346,9 @@ class JumpReLUCrosscoder(Crosscoder):
         """[d_sae] the gate on the pre-activation: f = h where h > relu(theta)."""
         return F.relu(self.theta)
 
+    def pre_activation_threshold(self) -> Tensor:
+        return self.inference_threshold()
+
     def _core(self, x: Tensor, dn: Tensor, dead_mask: Tensor | None) -> tuple[_Encoded, Tensor, dict]:
         """f = h * H(h - relu(theta)); sparsity "step" = l1_coefficient * mean_b sum_s H(h - t), "tanh" =
         l1_coefficient * mean_b sum_s tanh(c f dn); pre_act = coefficient * mean_b relu(t - h) @ w with w = dn
@@ -481,7 +489,8 @@ class BatchTopKCrosscoder(TopKCrosscoder):
 
     hyperparameters = ("k", "topk_ranking", "k_aux", "aux_coefficient", "batchtopk_threshold_momentum")
     saelens_architectures = ("jumprelu", "jumprelu_transcoder")  # as SAELens saves BatchTopK for inference
-    saelens_imports = ("batchtopk",)
+    # a SAELens Matryoshka BatchTopK runs as BatchTopK at inference: the nesting only adds training losses
+    saelens_imports = ("batchtopk", "matryoshka_batchtopk")
 
     def _add_parameters(self, c: CrosscoderConfig) -> None:
         n = len(self.structure.groups)
@@ -493,6 +502,16 @@ class BatchTopKCrosscoder(TopKCrosscoder):
     def inference_threshold(self) -> Tensor:
         """The gate on the ranking score relu(h) * rank_scale: a scalar (dense) or one per group."""
         return self.threshold
+
+    def pre_activation_threshold(self) -> Tensor:
+        """Our gate relu(h) * r > T (r the rank scale) as a per-latent threshold on h: T / r (r > 0; a latent
+        with r = 0 never fires: infinite threshold)."""
+        if bool((self.threshold < 0).any()):
+            raise ValueError(f"This {self.architecture_name} has no inference threshold yet (it is estimated "
+                             "during training); train it before exporting.")
+        r = self.rank_scale(self.decoder_norms().detach())
+        t = self._latent_thresholds().detach()
+        return torch.where(r > 0, t / r.clamp_min(1e-30), torch.full_like(r, float("inf")))
 
     def reduce_statistics(self, reduce: Callable[[Tensor, str], Tensor]) -> None:
         # each process took its local batch minimum; the global EMA is the minimum of them
@@ -584,7 +603,7 @@ class MatryoshkaBatchTopKCrosscoder(BatchTopKCrosscoder):
 
     hyperparameters = ("k", "matryoshka_widths", "topk_ranking", "k_aux", "aux_coefficient",
                        "batchtopk_threshold_momentum")
-    saelens_imports = ("matryoshka_batchtopk",)
+    saelens_imports = ()  # SAELens's matryoshka_batchtopk imports as batchtopk_crosscoder (same inference)
 
     @classmethod
     def check_config(cls, config) -> None:

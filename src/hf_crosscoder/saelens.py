@@ -68,26 +68,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import CrosscoderConfig
-from .modeling import Crosscoder
+from .modeling import ARCHITECTURES, Crosscoder
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 
-_EXPORT_ARCH = {  # ours -> (SAELens SAE, SAELens transcoder or None when it has none)
-    "crosscoder": ("standard", "transcoder"),
-    "skip_crosscoder": ("skip_transcoder", "skip_transcoder"),  # SAELens has no skip SAE
-    "jumprelu_crosscoder": ("jumprelu", "jumprelu_transcoder"),
-    "topk_crosscoder": ("topk", None),
-    "batchtopk_crosscoder": ("jumprelu", "jumprelu_transcoder"),
-}
-_IMPORT_ARCH = {
-    "standard": "crosscoder", "transcoder": "crosscoder", "skip_transcoder": "skip_crosscoder",
-    "jumprelu": "jumprelu_crosscoder", "jumprelu_transcoder": "jumprelu_crosscoder",
-    "topk": "topk_crosscoder", "batchtopk": "batchtopk_crosscoder",
-    # a Matryoshka BatchTopK checkpoint runs as BatchTopK: the nesting only adds training losses
-    "matryoshka_batchtopk": "batchtopk_crosscoder",
-}
+
+
+def _export_names(architecture: str) -> tuple[str | None, str | None]:
+    """(SAELens SAE, SAELens transcoder) an architecture declares (`saelens_architectures`)."""
+    return getattr(ARCHITECTURES[architecture], "saelens_architectures", (None, None))
+
+
+def _import_names() -> dict[str, str]:
+    """SAELens architecture -> ours, from the architectures' `saelens_imports` declarations."""
+    return {name: arch for arch, cls in ARCHITECTURES.items() for name in cls.saelens_imports}
+
+
 _BATCHTOPK = ("batchtopk", "matryoshka_batchtopk")  # SAELens training classes: rescale by default
 _TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
 
@@ -102,14 +100,15 @@ def _check_exportable(crosscoder: Crosscoder) -> None:
     if c.activation_scale_in is not None and not c.activation_norm_folded:
         raise ValueError("Export needs raw-scale weights: call crosscoder.fold_activation_norm_scaling("
                          "config.activation_scale_in, config.activation_scale_out) first.")
-    if c.architecture not in _EXPORT_ARCH:
+    if _export_names(c.architecture) == (None, None):
+        exportable = [a for a in ARCHITECTURES if _export_names(a) != (None, None)]
         raise ValueError(f"No SAELens equivalent for architecture {c.architecture!r}; exportable: "
-                         f"{', '.join(_EXPORT_ARCH)}.")
+                         f"{', '.join(exportable)}.")
 
 
 def _saelens_architecture(crosscoder: Crosscoder) -> str:
     c = crosscoder.config
-    sae, transcoder = _EXPORT_ARCH[c.architecture]
+    sae, transcoder = _export_names(c.architecture)
     if c.hook_names_in == c.hook_names_out:
         return sae
     if transcoder is None:
@@ -119,23 +118,12 @@ def _saelens_architecture(crosscoder: Crosscoder) -> str:
     return transcoder
 
 
-def _batchtopk_threshold(crosscoder: Crosscoder) -> Tensor:
-    """Per-latent JumpReLU threshold on h equal to our gate relu(h) * dn > T (dn > 0; dn = 0 never fires)."""
-    t = float(crosscoder.threshold)
-    if t < 0:
-        raise ValueError("This batchtopk_crosscoder has no inference threshold yet (it is estimated during "
-                         "training); train it before exporting.")
-    dn = crosscoder.rank_scale(crosscoder.decoder_norms().detach())
-    return torch.where(dn > 0, t / dn.clamp_min(1e-30), torch.full_like(dn, float("inf")))
-
-
 def _export_state(crosscoder: Crosscoder, architecture: str) -> dict[str, Tensor]:
-    state = {"W_enc": crosscoder.W_enc[0], "W_dec": crosscoder.W_dec[:, 0], "b_enc": crosscoder.b_enc,
+    W_dec = crosscoder.structure.decoder_vectors(crosscoder.W_dec)
+    state = {"W_enc": crosscoder.W_enc[0], "W_dec": W_dec[:, 0], "b_enc": crosscoder.b_enc,
              "b_dec": crosscoder.b_dec[0]}
-    if crosscoder.config.architecture == "jumprelu_crosscoder":
-        state["threshold"] = crosscoder.threshold()
-    elif crosscoder.config.architecture == "batchtopk_crosscoder":
-        state["threshold"] = _batchtopk_threshold(crosscoder)
+    if architecture.startswith("jumprelu"):  # JumpReLU itself, or a gate (BatchTopK) expressed as one
+        state["threshold"] = crosscoder.pre_activation_threshold()
     if architecture == "skip_transcoder":
         state["W_skip"] = crosscoder.W_skip.T  # SAELens: [d_out, d_in]
     return {k: v.detach().to(crosscoder.W_enc.dtype).contiguous().cpu() for k, v in state.items()}
@@ -210,9 +198,9 @@ def _architecture(cfg: dict[str, Any]) -> str:
 
 
 def _check_importable(cfg: dict[str, Any], architecture: str) -> None:
-    if architecture not in _IMPORT_ARCH:
+    if architecture not in _import_names():
         raise ValueError(f"SAELens architecture {architecture!r} has no hf_crosscoder equivalent; importable: "
-                         f"{', '.join(_IMPORT_ARCH)}.")
+                         f"{', '.join(_import_names())}.")
     norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
         raise ValueError(f"normalize_activations={norm!r}: this SAE rescales its inputs at run time (or needs a "
@@ -242,7 +230,7 @@ def _imported_config(cfg: dict[str, Any], architecture: str) -> CrosscoderConfig
     rescale = cfg.get("rescale_acts_by_decoder_norm", architecture in _BATCHTOPK)
     return CrosscoderConfig(
         topk_ranking="decoder_scaled" if rescale else "pre_activation",
-        architecture=_IMPORT_ARCH[architecture], d_model=d_in, d_sae=int(cfg["d_sae"]), k=int(k),
+        architecture=_import_names()[architecture], d_model=d_in, d_sae=int(cfg["d_sae"]), k=int(k),
         hook_names_in=[hook_in], hook_names_out=[hook_out], model_name=_field(cfg, "model_name"),
         dataset_path=_field(cfg, "dataset_path"), context_size=_field(cfg, "context_size"),
         activation_scale_in=scale_in, activation_scale_out=scale_out,
