@@ -1,0 +1,317 @@
+"""circuit-tracer's on-disk formats, written and read from plain tensors (circuit-tracer is not needed).
+
+This is the format layer: tensors in our orientation in, circuit-tracer's files out, and back. Checked
+against circuit-tracer 0.5.0 (PyPI `circuit-tracer`): `transcoder/cross_layer_transcoder.py`
+(`CrossLayerTranscoder`, `load_clt`, `_load_state_dict`), `transcoder/single_layer_transcoder.py`
+(`SingleLayerTranscoder`, `TranscoderSet`, `load_transcoder_set`, `load_relu_transcoder`),
+`transcoder/activation_functions.py` (`JumpReLU`), `utils/hf_utils.py` (`load_transcoders`,
+`load_transcoder_from_hub`), `utils/caching.py` (`load_transcoders_from_cache`), and
+`replacement_model/replacement_model_transformerlens.py` / `utils/tl_nnsight_mapping.py` (what the
+feature hooks mean).
+
+Our orientation, per layer i of L (G = d_transcoder, the same for every layer):
+
+    CLT:  {"W_enc": [d_model, G], "b_enc": [G], "W_dec": [G, L - i, d_model], "b_dec": [d_model],
+           "threshold": [G] (optional)}
+    set:  {"W_enc": [d_model, G], "b_enc": [G], "W_dec": [G, d_model], "b_dec": [d_model],
+           "threshold": [G] (optional), "W_skip": [d_model, d_model] (optional; y += x @ W_skip)}
+
+with f_i = act(x_i @ W_enc + b_enc), act = relu, or `h * (h > threshold)` (JumpReLU, strict, the
+threshold used as stored: pass our relu(theta)). A set layer reconstructs `f @ W_dec + b_dec (+ x @ W_skip)`;
+a CLT's output layer j is `b_dec_j + sum_{i <= j} f_i @ W_dec_i[:, j - i]` (the latents of layer i
+write to output layers i..L-1; `b_dec_i` is output layer i's bias).
+
+Files (one folder; the same layout is a Hub repo for `load_transcoder_from_hub("org/name")` and an
+entry of circuit-tracer's local cache):
+
+- `config.yaml`: `model_kind` ("cross_layer_transcoder" | "transcoder_set"), `model_name` (the CLI's
+  default --model), `feature_input_hook`, `feature_output_hook` (TransformerLens hook names relative to
+  a block, e.g. "mlp.hook_in", "hook_resid_mid", "mlp.hook_out"), optionally `scan` (a feature-
+  visualization id; the Hub loader replaces it by the repo id). No `transcoders` list: given one, the
+  Hub loader would read its entries as hf:// URIs or paths relative to the working directory; without
+  it both the Hub loader and the cache loader glob `layer_*.safetensors` in the folder.
+- CLT: `W_enc_{i}.safetensors` holding `W_enc_{i}` [G, d_model] (theirs is `einsum("...d,fd->...f")`,
+  i.e. our W_enc transposed), `b_enc_{i}` [G], `b_dec_{i}` [d_model] and, for JumpReLU, `threshold_{i}` [G]
+  (its presence in layer 0's file switches every layer to JumpReLU); `W_dec_{i}.safetensors` holding
+  `W_dec_{i}` [G, L - i, d_model] (same orientation as ours). L is the number of `W_enc_*.safetensors`
+  files. The CLT loader reads no skip weights, so a CLT with a skip cannot be exported.
+- set: `layer_{i}.safetensors` holding `W_enc` [G, d_model] (`F.linear`: ours transposed), `W_dec`
+  [G, d_model], `b_enc` [G], `b_dec` [d_model], for JumpReLU `activation_function.threshold` [G], and
+  `W_skip` [d_model, d_model] applied as `x @ W_skip.T` (ours transposed). No threshold: ReLU. Layers
+  must be 0..L-1 with one G; the set has a skip when layer 0 has one (then every layer needs it).
+
+circuit-tracer supports only ReLU and JumpReLU here (its `TopK` module is never chosen by a loader):
+TopK / BatchTopK dictionaries are converted to JumpReLU before writing. Tensors are cast by its loaders
+to the dtype asked for (`load_clt` defaults to bfloat16, `load_transcoders` to float32); we write what
+we are given (float32 keeps the reference math exact). Its attribution also zeroes the features of
+position 0 (BOS; `zero_positions`), which `encode` does not.
+
+Offline loading, with no Hub and no base model: `load_clt(folder, feature_input_hook=...,
+feature_output_hook=..., dtype=...)`, `load_transcoder_set({i: folder/layer_i.safetensors}, scan,
+feature_input_hook, feature_output_hook, dtype=...)`, or, reading config.yaml too,
+`circuit_tracer.utils.caching.load_transcoders_from_cache("org/name", cache_dir=D)` with the folder at
+`D/org/name` (`load_transcoder_from_hub` and `ReplacementModel.from_pretrained` look there first, under
+$CIRCUIT_TRACER_CACHE_DIR). `load_transcoders(config)` itself always downloads a CLT from the Hub.
+
+Feature hooks (`circuit_tracer_hooks`): circuit-tracer's transcoders replace MLPs, reading the MLP's
+input and writing its output, and its TransformerLens model is loaded with `fold_ln=False`, so:
+ours `blocks.{i}.ln2.hook_normalized` (the MLP's input, norm weights applied) -> "mlp.hook_in" (its
+`ReplacementMLP.hook_in`; TransformerLens's own "ln2.hook_normalized" is `x / scale` before the norm's
+weight and bias, another tensor); `blocks.{i}.hook_resid_mid` -> "hook_resid_mid", and
+`blocks.{i}.hook_mlp_in` too on sequential models (the same tensor: circuit-tracer never turns on
+TransformerLens's `use_hook_mlp_in`, so "hook_mlp_in" would never fire); `blocks.{i}.hook_mlp_out` (the
+MLP module's output) -> "mlp.hook_out" (`ReplacementMLP.hook_out`; equal to TransformerLens's
+"hook_mlp_out" except on Gemma-2/3, where that one is after the post-MLP norm). Every other hook raises.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+CLT_KIND = "cross_layer_transcoder"
+SET_KIND = "transcoder_set"
+_CLT_KEYS = {"W_enc", "b_enc", "W_dec", "b_dec"}
+_SET_KEYS = {"W_enc", "b_enc", "W_dec", "b_dec"}
+_OPTIONAL = {CLT_KIND: {"threshold"}, SET_KIND: {"threshold", "W_skip"}}
+_RESERVED = {"model_kind", "model_name", "feature_input_hook", "feature_output_hook", "scan", "transcoders"}
+_FILE_PATTERNS = ("W_enc_*.safetensors", "W_dec_*.safetensors", "layer_*.safetensors", "config.yaml")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_mid|hook_mlp_in|ln2\.hook_normalized|hook_mlp_out)$")
+_INPUT_HOOKS = {"ln2.hook_normalized": "mlp.hook_in", "hook_resid_mid": "hook_resid_mid",
+                "hook_mlp_in": "hook_resid_mid"}
+_OUTPUT_HOOKS = {"hook_mlp_out": "mlp.hook_out"}
+
+
+# --- hook names --------------------------------------------------------------------------------
+
+def _parse(name: str, table: dict[str, str], role: str) -> tuple[int, str]:
+    match = _HOOK_RE.match(name)
+    if match is None or match[2] not in table:
+        allowed = ", ".join(f"blocks.{{i}}.{k}" for k in table)
+        raise ValueError(f"circuit-tracer's transcoders replace MLPs: their {role} hook must be one of {allowed}; "
+                         f"got {name!r}.")
+    return int(match[1]), match[2]
+
+
+def _same_kind_per_layer(names: Sequence[str], table: dict[str, str], role: str) -> str:
+    parsed = [_parse(name, table, role) for name in names]
+    if [layer for layer, _ in parsed] != list(range(len(names))):
+        raise ValueError(f"circuit-tracer needs one {role} hook per layer, in order from layer 0 "
+                         f"(blocks.0..blocks.{len(names) - 1}); got {list(names)}.")
+    kinds = {kind for _, kind in parsed}
+    if len(kinds) != 1:
+        raise ValueError(f"circuit-tracer reads one {role} hook name for every layer; got several kinds {sorted(kinds)}.")
+    return kinds.pop()
+
+
+def circuit_tracer_hooks(hook_names_in: Sequence[str], hook_names_out: Sequence[str],
+                         parallel_residual: bool = False, n_layers: int | None = None) -> tuple[str, str]:
+    """(feature_input_hook, feature_output_hook) for config.yaml from our per-layer hook names.
+
+    Input hook i and output hook i must sit at layer i, for layers 0..L-1 (circuit-tracer replaces every
+    MLP of the model: pass the model's `n_layers` to check L against it). ValueError otherwise."""
+    if not hook_names_in or len(hook_names_in) != len(hook_names_out):
+        raise ValueError(f"circuit-tracer needs as many input as output hooks, one per layer; got "
+                         f"{len(hook_names_in)} and {len(hook_names_out)}.")
+    if n_layers is not None and len(hook_names_in) != n_layers:
+        raise ValueError(f"circuit-tracer replaces all {n_layers} MLPs of the model; these hooks cover "
+                         f"{len(hook_names_in)} layers. Train on every layer (blocks.0..blocks.{n_layers - 1}).")
+    kind_in = _same_kind_per_layer(hook_names_in, _INPUT_HOOKS, "input")
+    kind_out = _same_kind_per_layer(hook_names_out, _OUTPUT_HOOKS, "output")
+    if kind_in == "hook_mlp_in" and parallel_residual:
+        raise ValueError("On a parallel-residual model blocks.{i}.hook_mlp_in is resid_pre, which the MLP reads only "
+                         "through its norm and which circuit-tracer has no MLP-input hook for; train on "
+                         "blocks.{i}.ln2.hook_normalized (circuit-tracer's mlp.hook_in) instead.")
+    return _INPUT_HOOKS[kind_in], _OUTPUT_HOOKS[kind_out]
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+def _check_layers(layers: Sequence[dict[str, Tensor]], kind: str) -> tuple[int, int]:
+    """(d_model, G) after checking names and shapes; ValueError naming the first bad tensor."""
+    if not layers:
+        raise ValueError("no layers to write: pass one dict of tensors per layer.")
+    required = _CLT_KEYS if kind == CLT_KIND else _SET_KEYS
+    first = layers[0].get("W_enc")
+    if first is None or first.dim() != 2:
+        raise ValueError(f"layer 0: W_enc must be a [d_model, d_transcoder] tensor; got "
+                         f"{None if first is None else tuple(first.shape)}.")
+    d_model, width = first.shape
+    n = len(layers)
+    for i, layer in enumerate(layers):
+        missing, unknown = required - set(layer), set(layer) - required - _OPTIONAL[kind]
+        if missing or unknown:
+            hint = " (circuit-tracer's CLT loader reads no skip weights)" if "W_skip" in unknown else ""
+            raise ValueError(f"layer {i}: missing {sorted(missing)}, unknown {sorted(unknown)}{hint}; expected "
+                             f"{sorted(required)} plus optional {sorted(_OPTIONAL[kind])}.")
+        dec = (width, n - i, d_model) if kind == CLT_KIND else (width, d_model)
+        shapes = {"W_enc": (d_model, width), "b_enc": (width,), "W_dec": dec, "b_dec": (d_model,),
+                  "threshold": (width,), "W_skip": (d_model, d_model)}
+        for key, tensor in layer.items():
+            if tuple(tensor.shape) != shapes[key]:
+                raise ValueError(f"layer {i}: {key} has shape {tuple(tensor.shape)}, expected {shapes[key]} "
+                                 f"(d_model={d_model}, d_transcoder={width}, {n} layers).")
+            if not tensor.is_floating_point():
+                raise ValueError(f"layer {i}: {key} is {tensor.dtype}; circuit-tracer needs floating-point weights.")
+    for key in _OPTIONAL[kind]:
+        if len({key in layer for layer in layers}) > 1:
+            raise ValueError(f"{key} is given for some layers only; circuit-tracer reads it from layer 0 for "
+                             "every layer: give it for all or none.")
+    return d_model, width
+
+
+def _prepare_folder(folder: str | Path, overwrite: bool) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stale = [p for pattern in _FILE_PATTERNS for p in folder.glob(pattern)]
+    if stale and not overwrite:
+        raise ValueError(f"{folder} already holds circuit-tracer files ({stale[0].name}, ...); its loaders glob "
+                         "them, so old layers would mix in. Pass overwrite=True or choose an empty folder.")
+    for path in stale:  # a longer earlier export's extra layers would be counted by the loaders' glob
+        path.unlink()
+    return folder
+
+
+def _save(tensors: dict[str, Tensor], path: Path) -> None:
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+
+
+def write_config(folder: str | Path, model_kind: str, model_name: str, feature_input_hook: str,
+                 feature_output_hook: str, scan: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """config.yaml with circuit-tracer's keys; `extra` keys (e.g. provenance) are written beside them."""
+    if model_kind not in (CLT_KIND, SET_KIND):
+        raise ValueError(f"model_kind must be {CLT_KIND!r} or {SET_KIND!r}; got {model_kind!r}.")
+    clash = _RESERVED & set(extra or {})
+    if clash:
+        raise ValueError(f"extra keys {sorted(clash)} are circuit-tracer's own; pass them as arguments.")
+    config = {"model_kind": model_kind, "model_name": model_name, "feature_input_hook": feature_input_hook,
+              "feature_output_hook": feature_output_hook, **({"scan": scan} if scan is not None else {}),
+              **(extra or {})}
+    path = Path(folder) / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# --- write and read ----------------------------------------------------------------------------
+
+def write_clt(folder: str | Path, layers: Sequence[dict[str, Tensor]], *, model_name: str,
+              feature_input_hook: str, feature_output_hook: str, scan: str | None = None,
+              extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a cross-layer transcoder (layers in our orientation, see the module docstring) as
+    circuit-tracer's W_enc_{i} / W_dec_{i} files plus config.yaml. Returns the folder."""
+    _check_layers(layers, CLT_KIND)
+    folder = _prepare_folder(folder, overwrite)
+    for i, layer in enumerate(layers):
+        enc = {f"W_enc_{i}": layer["W_enc"].T, f"b_enc_{i}": layer["b_enc"], f"b_dec_{i}": layer["b_dec"]}
+        if "threshold" in layer:
+            enc[f"threshold_{i}"] = layer["threshold"]
+        _save(enc, folder / f"W_enc_{i}.safetensors")
+        _save({f"W_dec_{i}": layer["W_dec"]}, folder / f"W_dec_{i}.safetensors")
+    write_config(folder, CLT_KIND, model_name, feature_input_hook, feature_output_hook, scan, extra)
+    return folder
+
+
+def write_transcoder_set(folder: str | Path, layers: Sequence[dict[str, Tensor]], *, model_name: str,
+                         feature_input_hook: str, feature_output_hook: str, scan: str | None = None,
+                         extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write per-layer transcoders (our orientation) as circuit-tracer's layer_{i}.safetensors files
+    plus config.yaml. Returns the folder."""
+    _check_layers(layers, SET_KIND)
+    folder = _prepare_folder(folder, overwrite)
+    for i, layer in enumerate(layers):
+        tensors = {"W_enc": layer["W_enc"].T, "W_dec": layer["W_dec"], "b_enc": layer["b_enc"],
+                   "b_dec": layer["b_dec"]}
+        if "threshold" in layer:
+            tensors["activation_function.threshold"] = layer["threshold"]
+        if "W_skip" in layer:
+            tensors["W_skip"] = layer["W_skip"].T
+        _save(tensors, folder / f"layer_{i}.safetensors")
+    write_config(folder, SET_KIND, model_name, feature_input_hook, feature_output_hook, scan, extra)
+    return folder
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no config.yaml; is it a circuit-tracer export?")
+    return yaml.safe_load(path.read_text())
+
+
+def _numbered(folder: Path, prefix: str) -> list[Path]:
+    """prefix_0.safetensors .. prefix_{n-1}.safetensors, checked to be contiguous (as the loaders assume)."""
+    number = re.compile(rf"^{prefix}_(\d+)\.safetensors$")
+    found = [p for p in folder.glob(f"{prefix}_*.safetensors") if number.match(p.name)]
+    paths = sorted(found, key=lambda p: int(number.match(p.name)[1]))
+    if not paths or [p.name for p in paths] != [f"{prefix}_{i}.safetensors" for i in range(len(paths))]:
+        raise ValueError(f"{folder}: expected {prefix}_0.safetensors .. {prefix}_{{n-1}}.safetensors, found "
+                         f"{[p.name for p in paths]}.")
+    return paths
+
+
+def read_clt(folder: str | Path) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
+    """(layers in our orientation, config.yaml) of a CLT folder: write_clt's inverse."""
+    folder, layers = Path(folder), []
+    for i, path in enumerate(_numbered(folder, "W_enc")):
+        enc = load_file(str(path))
+        layer = {"W_enc": enc[f"W_enc_{i}"].T.contiguous(), "b_enc": enc[f"b_enc_{i}"],
+                 "W_dec": load_file(str(folder / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"], "b_dec": enc[f"b_dec_{i}"]}
+        if f"threshold_{i}" in enc:
+            layer["threshold"] = enc[f"threshold_{i}"]
+        layers.append(layer)
+    return layers, read_config(folder)
+
+
+def read_transcoder_set(folder: str | Path) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
+    """(layers in our orientation, config.yaml) of a transcoder-set folder: write_transcoder_set's inverse."""
+    folder, layers = Path(folder), []
+    for path in _numbered(folder, "layer"):
+        t = load_file(str(path))
+        layer = {"W_enc": t["W_enc"].T.contiguous(), "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+        if "activation_function.threshold" in t:
+            layer["threshold"] = t["activation_function.threshold"]
+        if "W_skip" in t:
+            layer["W_skip"] = t["W_skip"].T.contiguous()
+        layers.append(layer)
+    return layers, read_config(folder)
+
+
+# --- reference math (circuit-tracer's semantics, our orientation) -------------------------------
+
+def _activation(h: Tensor, threshold: Tensor | None) -> Tensor:
+    # circuit-tracer: F.relu without a threshold, else JumpReLU h * (h > threshold)
+    return torch.relu(h) if threshold is None else h * (h > threshold)
+
+
+def transcoder_encode(layer: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Feature activations [..., G] of one transcoder (or CLT layer) on its input x [..., d_model]."""
+    return _activation(x @ layer["W_enc"] + layer["b_enc"], layer.get("threshold"))
+
+
+def transcoder_reconstruct(layer: dict[str, Tensor], x: Tensor) -> Tensor:
+    """One set layer's output [..., d_model]: f @ W_dec + b_dec (+ x @ W_skip)."""
+    out = transcoder_encode(layer, x) @ layer["W_dec"] + layer["b_dec"]
+    return out + x @ layer["W_skip"] if "W_skip" in layer else out
+
+
+def clt_encode(layers: Sequence[dict[str, Tensor]], xs: Tensor) -> list[Tensor]:
+    """Each layer's feature activations [..., G] from its input xs[i] (xs: [L, ..., d_model])."""
+    return [transcoder_encode(layer, x) for layer, x in zip(layers, xs, strict=True)]
+
+
+def clt_reconstruct(layers: Sequence[dict[str, Tensor]], xs: Tensor) -> Tensor:
+    """Outputs [L, ..., d_model]: output j = b_dec_j + sum over i <= j of f_i @ W_dec_i[:, j - i]."""
+    feats = clt_encode(layers, xs)
+    outs = []
+    for j, layer in enumerate(layers):
+        out = layer["b_dec"].expand(*xs.shape[1:-1], -1)
+        for i in range(j + 1):
+            out = out + feats[i] @ layers[i]["W_dec"][:, j - i]
+        outs.append(out)
+    return torch.stack(outs)
