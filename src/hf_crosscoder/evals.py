@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .hooks import forward_kwargs, splice
 from .metrics import dead_and_dense_fractions, density_log10
@@ -47,8 +48,6 @@ class _Sums:
 def is_causal_lm(model) -> bool:
     """CE-loss evals need next-token logits from the same model the hooks sit in: a class that
     AutoModelForCausalLM builds (GPT2LMHeadModel as well as the *ForCausalLM ones)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     if model is None:
         return False
     name = type(model).__name__

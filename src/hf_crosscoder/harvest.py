@@ -21,6 +21,7 @@ import transformers
 from accelerate import PartialState
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
+from transformers.integrations import deepspeed as hf_deepspeed
 
 from .config import torch_dtype
 from .data import TokenStream, special_token_mask
@@ -55,8 +56,6 @@ def loading_whole() -> Iterator[None]:
     """Load models unpartitioned under a DeepSpeed ZeRO-3 launch. While one is active, transformers builds
     every `from_pretrained` model inside `deepspeed.zero.Init` (parameters sharded, empty locally), but
     the frozen LM is never wrapped by a DeepSpeed engine, so each process needs all of its weights."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
     hf_deepspeed.unset_hf_deepspeed_config()
     try:

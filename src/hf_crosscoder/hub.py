@@ -30,7 +30,8 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
-from .config import CrosscoderConfig, hook_union
+from .cli import reproduce_command
+from .config import CrosscoderConfig, LanguageModelCrosscoderRunnerConfig, hook_union
 from .metrics import PER_HOOK_COLUMNS, SUMMARY_ROWS
 from .naming import public_dataset_name, public_model_name
 
@@ -234,9 +235,6 @@ def _command(command: str | None, run_config: Mapping[str, Any] | None, config: 
         return command
     if not run_config:
         return "# the training command was not recorded"
-    from .cli import reproduce_command
-    from .config import LanguageModelCrosscoderRunnerConfig
-
     known = {f.name for f in dataclasses.fields(LanguageModelCrosscoderRunnerConfig)}
     hooks = {"hook_names_in": config.hook_names_in, "hook_names_out": config.hook_names_out}
     values = {**hooks, **{k: v for k, v in run_config.items() if k in known}}

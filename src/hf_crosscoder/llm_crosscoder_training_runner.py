@@ -28,11 +28,13 @@ from .checkpoints import (
     resume_request,
     save_checkpoint,
 )
-from .cli import reproduce_command
+from .cli import print_metrics_table, reproduce_command, run_cli
 from .config import LanguageModelCrosscoderRunnerConfig
 from .evals import evaluate, scalar_metrics
+from .hub import push_folder_to_hub, save_for_hub
 from .modeling import Crosscoder
 from .naming import public_path, public_provenance
+from .plots import draw_all
 from .trainer import CrosscoderTrainer, StopTraining, install_signal_handlers
 
 LOG_FILES = ("training_log.jsonl", "eval_log.jsonl")
@@ -166,8 +168,6 @@ class LanguageModelCrosscoderTrainingRunner:
     def _checkpoint(self, trainer: CrosscoderTrainer, store) -> None:
         path = save_checkpoint(self.checkpoint_root, trainer, store)
         if self.cfg.push_to_hub and self.cfg.hub_strategy == "checkpoint" and trainer.accelerator.is_main_process:
-            from .hub import push_folder_to_hub
-
             push_folder_to_hub(path, self.cfg.hf_repo_id, private=self.cfg.hub_private,
                                subfolder=f"checkpoints/{path.name}")
 
@@ -209,8 +209,6 @@ class LanguageModelCrosscoderTrainingRunner:
         return final
 
     def _write_outputs(self, final: Crosscoder, metrics: dict) -> None:
-        from .hub import push_folder_to_hub, save_for_hub
-
         cfg, out = self.cfg, self.output_path
         (out / "runner_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -251,8 +249,6 @@ def _draw_plots(out: Path, crosscoder: Crosscoder) -> None:
         import matplotlib  # noqa: F401  (an extra: training output is complete without plots)
     except ImportError:
         return
-    from .plots import draw_all
-
     draw_all(out, crosscoder)
 
 
@@ -278,8 +274,6 @@ def main(argv: list[str] | None = None) -> Crosscoder:
     """The seed's command line. A user error (any ValueError or OSError of the checks, e.g. a wrong
     --d_model or a missing dataset) prints one line `error: ...` and exits with status 2; `--debug` shows
     the traceback instead."""
-    from .cli import print_metrics_table, run_cli
-
     def train(cfg: LanguageModelCrosscoderRunnerConfig) -> Crosscoder:
         crosscoder = LanguageModelCrosscoderTrainingRunner(cfg).run()
         metrics_file = Path(cfg.output_path) / "metrics.json"

@@ -13,6 +13,7 @@ matplotlib is an optional extra (`pip install hf_crosscoder[plots]`), imported o
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -22,7 +23,9 @@ from typing import Any
 
 import torch
 
+from .checkpoints import latest_checkpoint
 from .metrics import DENSE_THRESHOLD, is_dead_log10
+from .modeling import Crosscoder
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +76,6 @@ def read_training_log(path: Path) -> list[dict]:
 
 def load_crosscoder(output_dir: Path):
     """The final model in `output_dir`, else the newest checkpoint of a running run, else None."""
-    from .checkpoints import latest_checkpoint
-    from .modeling import Crosscoder
-
     candidates = [output_dir, latest_checkpoint(output_dir / "checkpoints")]
     for folder in candidates:
         if folder is not None and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
@@ -222,8 +222,6 @@ def draw_all(output_dir: str | Path, crosscoder: Any = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     """`python -m hf_crosscoder.plots OUTPUT_DIR`: (re)draw a run's plots and list them."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m hf_crosscoder.plots", description=main.__doc__)
     parser.add_argument("output_dir", help="A run's output_path (finished, or running: uses its checkpoints).")
     args = parser.parse_args(argv)

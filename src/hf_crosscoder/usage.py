@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .config import hook_union
 from .hooks import capture_activations, splice
@@ -26,8 +27,6 @@ def load_model(name: str, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a Hub id or local folder: AutoModelForCausalLM, falling back to AutoModel
     for architectures without an LM head (BERT-style encoders). tokenizer is None when there is none."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
