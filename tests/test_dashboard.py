@@ -87,7 +87,8 @@ def synthetic(seed: int = 0, r: int = 10, s: int = 16, d_sae: int = 7):
     """Sparse nonnegative latents whose scale grows along the stream (so histogram ranges must widen
     between batches), token ids, and a mask of left-out positions (their latents are zero)."""
     g = torch.Generator().manual_seed(seed)
-    feats = torch.relu(torch.randn(r, s, d_sae, generator=g) - 0.7) * torch.exp(torch.randn(r, s, d_sae, generator=g))
+    feats = torch.relu(torch.randn(r, s, d_sae, generator=g) - 0.7)
+    feats *= torch.exp(torch.randn(r, s, d_sae, generator=g))
     feats *= 2.0 ** (torch.arange(r, dtype=torch.float32) / 2)[:, None, None]
     counted = torch.rand(r, s, generator=g) > 0.1
     feats *= counted[..., None]
@@ -220,6 +221,24 @@ def test_cli_writes_the_dashboard_of_a_run(trained_run, capsys):
         assert attribute not in page
 
 
+def test_cli_reads_the_dataset_given_and_checks_it_first(trained_run, tmp_path, capsys):
+    words = "the cat sees the green door in the morning"
+    corpus = tmp_path / "eval.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{words.capitalize()}."}) + "\n" for _ in range(40)))
+    index = main([str(trained_run), "--n_tokens", "128", "--top_k", "3", "--dataset_path", str(corpus),
+                  "--device", "cpu"])
+    data = read_data(index)
+    context_ids = {t for d in data["details"].values() for c in d["contexts"] for t in c["t"]}
+    context_words = {data["vocab"][str(t)].strip().lower() for t in context_ids}
+    # the contexts come from that corpus (BOS separates its documents)
+    assert context_words == set(words.split()) | {".", "<|endoftext|>"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(trained_run), "--dataset_path", str(tmp_path / "missing.jsonl")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: dataset_path") and err.count("\n") == 1, err
+
+
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -252,7 +271,8 @@ def find_chromium() -> str | None:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package (dev extra) drives Chromium")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="the playwright package (dev extra) drives Chromium")
     executable = find_chromium()
     if executable is None:
         pytest.skip("no Chromium on this machine and none could be installed (scripts/test.sh installs "
@@ -315,7 +335,8 @@ def test_page_in_headless_chromium(browser, trained_run, tiny_model_and_tokenize
         tokens = contexts.nth(j).locator(".tok")
         assert tokens.all_inner_texts() == expected
         acts = [float(a) for a in tokens.evaluate_all("ts => ts.map(t => t.dataset.act)")]
-        np.testing.assert_allclose(acts, stats.top_acts[latent, j][ids >= 0].numpy(), rtol=5e-3, atol=1e-6)  # 3 digits
+        # the page carries 3 significant digits
+        np.testing.assert_allclose(acts, stats.top_acts[latent, j][ids >= 0].numpy(), rtol=5e-3, atol=1e-6)
         peak = contexts.nth(j).locator(".tok.peak").inner_text()
         assert peak == token_label(tokenizer, int(ids[stats.context_before]))
     # the histogram's bars: its bins up to the last nonzero one, each titled with its count
@@ -334,4 +355,28 @@ def test_page_in_headless_chromium(browser, trained_run, tiny_model_and_tokenize
     page.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 10_000
     assert requests and all(url.startswith("file://") for url in requests), requests
+    page.close()
+
+
+def test_page_shows_per_model_shares_of_a_two_model_crosscoder(browser, random_crosscoder, tiny_model_and_tokenizer,
+                                                               eval_tokens, tmp_path):
+    model, tokenizer = tiny_model_and_tokenizer
+    stats = collect_latent_stats(random_crosscoder, model, [eval_tokens], top_k=3)
+    torch.manual_seed(1)
+    hooks = [f"blocks.{i}.hook_resid_post" for i in range(4)]
+    two = Crosscoder(CrosscoderConfig(d_model=64, hook_names_in=HOOKS_IN, hook_names_out=hooks, d_sae=32)).eval()
+    two.config.model_names = ["base", "chat"]
+    index = write_dashboard(tmp_path, two, stats, tokenizer, model)
+    share = read_data(index)["columns"]["model_share"][0]
+    page = browser.new_page()
+    page.goto(index.as_uri())
+    page.locator("#latents tbody tr").first.wait_for()
+    headers = page.locator("#latents th").all_inner_texts()
+    assert [h.strip() for h in headers[4:6]] == ["share base", "share chat"]
+    page.click("#latents th[data-key=share0]")
+    first = int(page.locator("#latents tbody tr").first.get_attribute("data-latent"))
+    assert share[first] == max(share)
+    page.click("#latents tbody tr >> nth=0")
+    page.locator("#detail h2").wait_for()
+    assert page.locator(".bar-row").count() == 4 + 2  # per output row, then per model
     page.close()

@@ -20,7 +20,18 @@ not grow with the number of tokens:
   each chunk's per-latent top-k is merged with the kept one by `torch.topk` of the concatenation.
 
 Special-token positions (BOS/EOS/PAD, the attention sinks training leaves out) are not counted.
-Memory: d_sae * (k * (2 + 2W) + n_bins + 4) numbers (W = window length) plus one chunk of latents.
+Memory: about d_sae * (k * (24 + 8W) + 8 * n_bins + 28) bytes (W = window length, 17 by default: 3.5 MB
+per 1000 latents at k = 20) plus one chunk of latents (CHUNK_ELEMENTS) and one batch's hooked
+activations, whatever the number of tokens.
+
+The page carries every latent's density, max and mean activation, layer span (output hooks holding
+> 10% of its decoder norm, plots.SPAN_THRESHOLD) and, for several models, each model's share of its
+decoder norm; and details for the `max_latents` most frequent latents that fired. Promoted tokens:
+the top entries of W_dec[latent, last output hook] @ W_U^T (the raw-scale decoder direction through the
+unembedding, no final norm).
+
+Eval tokens (CLI): `--dataset_path`, else the run's `eval_dataset_path` when its config has one, else
+its training dataset read from the start (tokens it trained on: a held-out split is better).
 """
 
 from __future__ import annotations
@@ -61,7 +72,7 @@ class LatentStats:
     top_values: Tensor     # [d_sae, k] float32, descending; <= 0 where fewer than k positions fired
     top_seq: Tensor        # [d_sae, k] int64: index of the sequence in the stream (-1: none)
     top_pos: Tensor        # [d_sae, k] int64: position in the sequence
-    top_tokens: Tensor     # [d_sae, k, W] int64: token ids of the window (-1 beyond the sequence)
+    top_tokens: Tensor     # [d_sae, k, W] int32: token ids of the window (-1 beyond the sequence)
     top_acts: Tensor       # [d_sae, k, W] float32: the latent's activations on the window
     context_before: int
 
@@ -106,7 +117,7 @@ class LatentStatsAccumulator:
         self.top_values = torch.full((d_sae, top_k), -1.0, **kw)
         self.top_seq = torch.full((d_sae, top_k), -1, dtype=torch.long, **kw)
         self.top_pos = torch.full((d_sae, top_k), -1, dtype=torch.long, **kw)
-        self.top_tokens = torch.full((d_sae, top_k, self.width), -1, dtype=torch.long, **kw)
+        self.top_tokens = torch.full((d_sae, top_k, self.width), -1, dtype=torch.int32, **kw)
         self.top_acts = torch.zeros(d_sae, top_k, self.width, **kw)
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -132,7 +143,8 @@ class LatentStatsAccumulator:
         new_exp = torch.where(fired, torch.frexp(self.max).exponent.long(), self.exponent)
         shift = (new_exp - self.exponent).clamp(0, 62)
         if bool((shift > 0).any()):
-            target = (torch.arange(self.n_bins, device=flat.device)[None] >> shift[:, None]).clamp(max=self.n_bins - 1)
+            target = torch.arange(self.n_bins, device=flat.device)[None] >> shift[:, None]
+            target = target.clamp(max=self.n_bins - 1)
             merged = torch.zeros_like(self.hist)
             self.hist = merged.scatter_add_(1, target, self.hist)
         self.exponent = new_exp
@@ -152,7 +164,7 @@ class LatentStatsAccumulator:
         inside = (window >= 0) & (window < s)
         w = window.clamp(0, s - 1)
         latent = torch.arange(d_sae, device=feats.device)[:, None, None]
-        win_tokens = torch.where(inside, tokens[seq[..., None], w], -1)
+        win_tokens = torch.where(inside, tokens[seq[..., None], w], -1).int()
         win_acts = torch.where(inside, feats[seq[..., None], w, latent], 0.0)
         all_values = torch.cat([self.top_values, values], 1)
         keep = torch.topk(all_values, self.top_k, dim=1).indices  # [d_sae, top_k]
@@ -213,7 +225,7 @@ def collect_latent_stats(crosscoder: nn.Module, model: nn.Module | Sequence[nn.M
             break
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         x = _input_acts(crosscoder, models, tokens)  # one model forward per batch
-        counted = ~torch.isin(tokens, excluded).to(crosscoder.W_enc.device)
+        counted = ~torch.isin(tokens, excluded.to(tokens.device)).to(crosscoder.W_enc.device)
         rows = max(1, CHUNK_ELEMENTS // (tokens.shape[1] * crosscoder.config.d_sae))
         for start in range(0, len(tokens), rows):  # whole sequences per chunk: windows stay inside them
             part = slice(start, start + rows)
@@ -227,7 +239,8 @@ def collect_latent_stats(crosscoder: nn.Module, model: nn.Module | Sequence[nn.M
 
 # ---------------------------------------------------------------- per-latent summaries
 @torch.no_grad()
-def promoted_tokens(crosscoder: nn.Module, model: nn.Module, latents: Tensor, n: int = 10) -> tuple[Tensor, Tensor] | None:
+def promoted_tokens(crosscoder: nn.Module, model: nn.Module, latents: Tensor,
+                    n: int = 10) -> tuple[Tensor, Tensor] | None:
     """(values, token ids) [len(latents), n]: the largest entries of W_dec[latent, last output hook] @
     W_U^T, W_U the model's unembedding (raw scale, no final norm: a direct logit attribution). None when
     the model has no output embedding (not a causal LM)."""
@@ -319,7 +332,8 @@ def _contexts(stats: LatentStats, latent: int, vocab: dict[int, str], tokenizer:
         inside = ids >= 0
         first = int(inside.nonzero()[0])  # position of the window's first token inside its sequence
         _add_labels(vocab, ids[inside].tolist(), tokenizer)
-        out.append({"t": ids[inside].tolist(), "a": _round(acts[inside], 3), "v": float(f"{stats.top_values[latent, j]:.4g}"),
+        out.append({"t": ids[inside].tolist(), "a": _round(acts[inside], 3),
+                    "v": float(f"{stats.top_values[latent, j]:.4g}"),
                     "seq": int(stats.top_seq[latent, j]), "pos": int(stats.top_pos[latent, j]),
                     "at": stats.context_before - first})
     return out
@@ -416,7 +430,8 @@ def run_settings(output_dir: str | Path, crosscoder_config: Any = None,
     context_size; model_name None when it names none). The eval data: `dataset_path` when given, else
     the run's `eval_dataset_path` when it has one, else its training dataset (same split)."""
     out = Path(output_dir)
-    cc = crosscoder_config.to_dict() if crosscoder_config is not None else json.loads((out / "config.json").read_text())
+    cc = (crosscoder_config.to_dict() if crosscoder_config is not None
+          else json.loads((out / "config.json").read_text()))
     runner = out / "runner_config.json"
     if runner.is_file():
         settings = {**_runner_defaults(), **json.loads(runner.read_text())}
@@ -442,14 +457,17 @@ def _check_output_dir(output_dir: str | Path) -> Path:
     return out
 
 
-def _load_models(settings: SimpleNamespace, device: str) -> tuple[list[nn.Module], Any]:
-    """The run's model(s) (every entry of model_names for a multi-model crosscoder) and the tokenizer."""
+def _load_models(settings: SimpleNamespace, device: str,
+                 before_weights: Any = None) -> tuple[list[nn.Module], Any]:
+    """The run's model(s) (every entry of model_names for a multi-model crosscoder) and the tokenizer
+    (the first model's); `before_weights(tokenizer)` runs before the first model's weights load."""
     from .activations import load_model_and_tokenizer
 
     names = getattr(settings, "model_names", None) or [settings.model_name]
     models, tokenizer = [], None
-    for name in names:
-        model, tok = load_model_and_tokenizer(SimpleNamespace(**{**vars(settings), "model_name": name}), device)
+    for i, name in enumerate(names):
+        model, tok = load_model_and_tokenizer(SimpleNamespace(**{**vars(settings), "model_name": name}), device,
+                                              before_weights=before_weights if i == 0 else None)
         models.append(model)
         tokenizer = tokenizer or tok
     return models, tokenizer
@@ -475,18 +493,27 @@ def make_dashboard(output_dir: str | Path, crosscoder: nn.Module | None = None, 
     for name, value in (("n_tokens", n_tokens), ("top_k", top_k), ("batch_size", batch_size)):
         if value <= 0:
             raise ValueError(f"{name} must be positive; got {value}.")
+    if max_latents < 0:
+        raise ValueError(f"max_latents must be >= 0; got {max_latents}.")
     out = _check_output_dir(output_dir) if crosscoder is None else Path(output_dir)
     settings = run_settings(out, crosscoder.config if crosscoder is not None else None, dataset_path)
     if (model is None or tokenizer is None) and not settings.model_name:
         raise ValueError(f"{out} has no runner_config.json and its config.json names no model_name; pass "
                          "the model (the runner writes runner_config.json, which names it).")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if crosscoder is None:
+    streams = []
+
+    def open_stream(tok: Any) -> None:  # the dataset is checked before any weights load
+        streams.append(TokenStream(settings, tok, process_index=0, num_processes=1, max_epochs=1))
+
+    if model is None or tokenizer is None:
+        model, tokenizer = _load_models(settings, device, open_stream)
+    else:
+        open_stream(tokenizer)
+    stream = streams[0]
+    if crosscoder is None:  # after the checks of the model and the dataset
         crosscoder = Crosscoder.from_pretrained(out).to(device)
     crosscoder.eval()
-    if model is None or tokenizer is None:
-        model, tokenizer = _load_models(settings, device)
-    stream = TokenStream(settings, tokenizer, process_index=0, num_processes=1, max_epochs=1)
     batches = _limited(stream.iter_batches(batch_size), math.ceil(n_tokens / settings.context_size))
     stats = collect_latent_stats(crosscoder, model, batches, top_k=top_k,
                                  exclude_token_ids=special_token_ids(tokenizer))
@@ -511,7 +538,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--debug", action="store_true", help="Show the traceback of an error.")
     args = parser.parse_args(argv)
     try:
-        index = make_dashboard(args.output_dir, n_tokens=args.n_tokens, top_k=args.top_k, batch_size=args.batch_size,
+        index = make_dashboard(args.output_dir, n_tokens=args.n_tokens, top_k=args.top_k,
+                               batch_size=args.batch_size,
                                dataset_path=args.dataset_path, device=args.device, max_latents=args.max_latents)
     except (ValueError, OSError) as err:  # user errors: a wrong folder, model, dataset or flag
         if args.debug:

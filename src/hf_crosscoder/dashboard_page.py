@@ -268,8 +268,8 @@ function route() {
 }
 
 document.getElementById("title").textContent = D.title;
-document.getElementById("summary").textContent = D.d_sae + " latents \u00b7 " + D.n_tokens + " eval tokens" +
-  (D.model_name ? " \u00b7 " + D.model_name : "") + " \u00b7 output hooks: " + D.hooks_out.join(", ");
+document.getElementById("summary").textContent = D.d_sae + " latents \u00b7 " + D.n_tokens +
+  " eval tokens \u00b7 output hooks: " + D.hooks_out.join(", ");
 header();
 document.getElementById("search").addEventListener("input", (e) => { state.query = e.target.value; state.page = 0; refresh(); });
 document.getElementById("prev").addEventListener("click", () => { state.page--; renderList(); });
