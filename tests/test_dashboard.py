@@ -292,6 +292,21 @@ def expected_matches(data: dict, query: str) -> set[int]:
         {int(q)} if q.isdigit() else set())
 
 
+def check_search_and_sort(page, data: dict, stats) -> None:
+    rows = page.locator("#latents tbody tr")
+    # search by a top token: exactly the latents whose top tokens contain it
+    query = max((t for tokens in data["top_tokens"].values() for t in tokens), key=len)
+    page.fill("#search", query)
+    shown = {int(v) for v in rows.evaluate_all("rs => rs.map(r => r.dataset.latent)")}
+    assert shown == expected_matches(data, query) and 0 < len(shown) < 128
+    page.fill("#search", "7")
+    assert rows.evaluate_all("rs => rs.map(r => r.dataset.latent)") == ["7"]
+    page.fill("#search", "")
+    # sort by max activation: the first row holds the largest
+    page.click("#latents th[data-key=max]")
+    assert int(rows.first.get_attribute("data-latent")) == int(stats.max.argmax())
+
+
 def test_page_in_headless_chromium(browser, trained_run, tiny_model_and_tokenizer, tiny_model_dir,
                                    text_dataset_path, tmp_path):
     model, tokenizer = tiny_model_and_tokenizer
@@ -309,18 +324,7 @@ def test_page_in_headless_chromium(browser, trained_run, tiny_model_and_tokenize
     rows.first.wait_for()
     assert page.inner_text("#count") == "128 of 128 latents"
 
-    # search by a top token: exactly the latents whose top tokens contain it
-    query = max((t for tokens in data["top_tokens"].values() for t in tokens), key=len)
-    page.fill("#search", query)
-    shown = {int(v) for v in rows.evaluate_all("rs => rs.map(r => r.dataset.latent)")}
-    assert shown == expected_matches(data, query) and 0 < len(shown) < 128
-    page.fill("#search", "7")
-    assert rows.evaluate_all("rs => rs.map(r => r.dataset.latent)") == ["7"]
-    page.fill("#search", "")
-
-    # sort by max activation: the first row holds the largest
-    page.click("#latents th[data-key=max]")
-    assert int(rows.first.get_attribute("data-latent")) == int(stats.max.argmax())
+    check_search_and_sort(page, data, stats)
 
     # open the latent with the most firing tokens; its contexts are the collected ones
     latent = int(stats.count.argmax())
