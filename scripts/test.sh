@@ -13,6 +13,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q -e ".[dev]"
 "$PY" -m ruff check src tests scripts bench
+# the dashboard's browser test drives a system Chromium through playwright (no browser download); as
+# root with apt (CI) it is installed here when missing, elsewhere that test is skipped with the reason
+if ! command -v chromium >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "no browser: could not install Debian's chromium; the dashboard browser test will be skipped" >&2
+fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 set +e
 "$PY" -m pytest -q "$@"
