@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -293,13 +294,14 @@ def _runner_cfg(tiny_model_dir, text_dataset_path, out: Path, **kw) -> LanguageM
 def test_runner_end_to_end(precision, arch, tiny_model_dir, text_dataset_path, tmp_path):
     bf16 = precision == "bf16"
     cfg = _runner_cfg(tiny_model_dir, text_dataset_path, tmp_path / "out", architecture=arch, autocast=bf16,
-                      autocast_lm=bf16, training_tokens=64 * 40, wandb_log_frequency=5, eval_every_n_wandb_logs=4,
+                      autocast_lm=bf16, training_tokens=64 * 20, wandb_log_frequency=5, eval_every_n_wandb_logs=2,
                       lr=3e-3, l1_coefficient=0.05)
     crosscoder = LanguageModelCrosscoderTrainingRunner(cfg).run()
     out = tmp_path / "out"
     assert crosscoder.W_enc.device.type == DEVICE.type and crosscoder.W_enc.dtype == torch.float32
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == list(range(5, 41, 5))
+    assert [row["step"] for row in log] == [5, 10, 15, 20]
+    assert [json.loads(line)["step"] for line in (out / "eval_log.jsonl").read_text().splitlines()] == [10, 20]
     assert log[-1]["losses/mse"] < log[0]["losses/mse"] and all(math.isfinite(r["loss"]) for r in log)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 1 and metrics["l0"] > 0
@@ -367,7 +369,16 @@ def _start_launch(name: str, cfg, root: Path) -> subprocess.Popen:
            str(_free_port()), "scripts/train.py", "--config", str(config_json)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(root / f"{name}.log", "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        # a session of its own: a kill reaches the launcher's workers too (os.killpg)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 class Launches:
@@ -383,15 +394,14 @@ class Launches:
         try:
             code = proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _kill(proc)
             code = "timeout"
         return code, self.root / name, (self.root / f"{name}.log").read_text()
 
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                _kill(proc)
 
 
 @pytest.fixture(scope="module", autouse=True)
