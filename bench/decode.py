@@ -19,7 +19,7 @@ p.add_argument("--k", type=int, default=32)
 p.add_argument("--reps", type=int, default=5)
 args = p.parse_args()
 setup()
-from hf_crosscoder.modeling import _SparseDecode as sparse_decode  # noqa: E402
+from hf_crosscoder.kernels import Selection, SparseDecode, WholeLayout  # noqa: E402
 
 B, S, k = args.batch, args.d_sae, args.k
 lat = torch.rand(B, S).topk(k, dim=-1).indices.flatten()
@@ -47,7 +47,7 @@ def passes(d_out: int) -> dict:
 
     def step_sparse():
         W.grad = vals.grad = None
-        sparse_decode.apply(vals, W, tok, lat, offsets).backward(g)
+        SparseDecode.apply(vals, W, WholeLayout, [Selection(tok, lat, offsets)], W.shape[1]).backward(g)
 
     return {"dense_forward": fwd_dense, "sparse_forward": fwd_sparse,
             "dense_forward_backward": step_dense, "sparse_forward_backward": step_sparse}

@@ -253,7 +253,7 @@ def _backward(out: torch.Tensor, grad: torch.Tensor, *leaves: torch.Tensor) -> N
 def decode_passes(batch: int, d_sae: int, d_out: int, k: int, device: torch.device) -> dict:
     """Dense (a [batch, d_sae] activation matrix times W_dec, fp32 and bf16; autograd backward) and sparse
     (hf_crosscoder's embedding_bag decode and hand-written sparse backward, fp32) on the same k-sparse rows."""
-    from hf_crosscoder.modeling import _SparseDecode
+    from hf_crosscoder.kernels import Selection, SparseDecode, WholeLayout
 
     g = torch.Generator(device=device).manual_seed(0)
     lat = torch.rand(batch, d_sae, generator=g, device=device).topk(k, dim=-1).indices.flatten()
@@ -270,7 +270,7 @@ def decode_passes(batch: int, d_sae: int, d_out: int, k: int, device: torch.devi
         passes[f"{name}_forward_backward"] = lambda A=A, B=B: _backward(torch.mm(A, B), grad.to(A.dtype), A, B)
     passes["sparse_forward"] = lambda: torch.nn.functional.embedding_bag(
         lat, W.detach(), offsets, per_sample_weights=vals.detach(), mode="sum")
-    passes["sparse_forward_backward"] = lambda: _backward(_SparseDecode.apply(vals, W, tok, lat, offsets), grad,
+    passes["sparse_forward_backward"] = lambda: _backward(SparseDecode.apply(vals, W, WholeLayout, [Selection(tok, lat, offsets)], d_out), grad,
                                                           vals, W)
     return passes
 
@@ -342,8 +342,8 @@ def e2e_config(shapes: Shapes, model: str, corpus: str, out: Path, device: torch
 def stages_alone(cfg, clock: Clock, device: torch.device) -> dict:
     """tokens/s of the token stream (CPU: tokenize and pack), of the LM harvest on the device (what the
     store runs per chunk) and of the train step at the runner's shape."""
-    from hf_crosscoder.activations import ActivationHarvester, load_model_and_tokenizer
     from hf_crosscoder.data import TokenStream
+    from hf_crosscoder.harvest import ActivationHarvester, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     stream = TokenStream(cfg, tokenizer, 0, 1)

@@ -33,8 +33,9 @@ def make(arch: str, seed: int = 0, d_model: int = D_MODEL, d_sae: int = D_SAE, h
     values."""
     kw = {"k": 3, "l1_coefficient": 0.3, "aux_coefficient": 0.5, "k_aux": 4,
           "jumprelu_pre_act_coefficient": 0.7, "jumprelu_bandwidth": 0.5, **kw}
-    if arch == "matryoshka_batchtopk_crosscoder":
-        kw.setdefault("matryoshka_widths", [2, d_sae // 2, d_sae])
+    if arch == "matryoshka_batchtopk_crosscoder":  # prefixes within each group of latents
+        width = d_sae if kw.get("layer_structure", "dense") == "dense" else d_sae // len(HOOKS_IN)
+        kw.setdefault("matryoshka_widths", [2, width // 2, width])
     cfg = CrosscoderConfig(architecture=arch, d_model=d_model, hook_names_in=HOOKS_IN,
                            hook_names_out=hooks_out, d_sae=d_sae, **kw)
     torch.manual_seed(seed)

@@ -81,7 +81,7 @@ class CrosscoderArgs(HookArgs):
                  "for the cross_layer / per_layer structures.")
     matryoshka_widths: list[int] | None = arg(None, "matryoshka_batchtopk_crosscoder: increasing prefix sizes "
                                               "whose last is d_sae (per layer group: d_sae / layers), e.g. "
-                                              "512 2048 8192.")
+                                              "512 2048 8192; default d_sae/16, d_sae/4, d_sae.")
     topk_ranking: str = arg("decoder_scaled", "How TopK/BatchTopK rank latents: 'decoder_scaled' = "
                             "relu(h) * decoder norm (selection does not drift with the decoder's scale), or "
                             "'pre_activation' = raw h (SAELens with rescale_acts_by_decoder_norm=False, "

@@ -50,7 +50,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .config import LanguageModelCrosscoderRunnerConfig
+from .dashboard_page import render_page
+from .data import TokenStream, special_token_ids
+from .evals import is_causal_lm
+from .harvest import load_model_and_tokenizer
 from .hooks import capture_activations
+from .modeling import Crosscoder
+from .plots import decoder_norm_shares, layer_span
 
 HIST_BINS = 32
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4
@@ -244,8 +251,6 @@ def promoted_tokens(crosscoder: nn.Module, model: nn.Module, latents: Tensor,
     """(values, token ids) [len(latents), n]: the largest entries of W_dec[latent, last output hook] @
     W_U^T, W_U the model's unembedding (raw scale, no final norm: a direct logit attribution). None when
     the model has no output embedding (not a causal LM)."""
-    from .evals import is_causal_lm
-
     head = model.get_output_embeddings() if is_causal_lm(model) else None
     if head is None or len(latents) == 0:
         return None
@@ -375,8 +380,6 @@ def dashboard_data(crosscoder: nn.Module, stats: LatentStats, tokenizer: Any = N
                    max_latents: int = 2000, n_promoted: int = 10, title: str | None = None) -> dict:
     """Everything the page shows, as plain JSON-able values: a column per statistic over all latents,
     details (contexts, histogram, decoder profile, promoted tokens) for `shown_latents`."""
-    from .plots import decoder_norm_shares, layer_span
-
     config = crosscoder.config
     shares = decoder_norm_shares(crosscoder).cpu()
     per_model = model_shares(config, shares)
@@ -401,8 +404,6 @@ def write_dashboard(out_dir: str | Path, crosscoder: nn.Module, stats: LatentSta
                     title: str | None = None) -> Path:
     """Write `out_dir/dashboard/index.html` and its `data.js` (a plain script, so the page works from
     file://, where fetch() of local files is refused); returns the index.html path."""
-    from .dashboard_page import render_page
-
     if max_latents < 0:
         raise ValueError(f"max_latents must be >= 0; got {max_latents}.")
     data = dashboard_data(crosscoder, stats, tokenizer, model, max_latents, n_promoted, title)
@@ -417,8 +418,6 @@ def write_dashboard(out_dir: str | Path, crosscoder: nn.Module, stats: LatentSta
 
 # ---------------------------------------------------------------- a run's folder -> dashboard
 def _runner_defaults() -> dict[str, Any]:
-    from .config import LanguageModelCrosscoderRunnerConfig
-
     return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
             for f in dataclasses.fields(LanguageModelCrosscoderRunnerConfig)}
 
@@ -461,8 +460,6 @@ def _load_models(settings: SimpleNamespace, device: str,
                  before_weights: Any = None) -> tuple[list[nn.Module], Any]:
     """The run's model(s) (every entry of model_names for a multi-model crosscoder) and the tokenizer
     (the first model's); `before_weights(tokenizer)` runs before the first model's weights load."""
-    from .activations import load_model_and_tokenizer
-
     names = getattr(settings, "model_names", None) or [settings.model_name]
     models, tokenizer = [], None
     for i, name in enumerate(names):
@@ -487,9 +484,6 @@ def make_dashboard(output_dir: str | Path, crosscoder: nn.Module | None = None, 
     """The dashboard of a run's folder: loads what the caller does not pass (the crosscoder saved in
     `output_dir`; the model(s) and tokenizer of its run), reads `n_tokens` eval tokens (see
     `run_settings`), collects the statistics and writes `output_dir/dashboard/`. Returns index.html."""
-    from .data import TokenStream, special_token_ids
-    from .modeling import Crosscoder
-
     for name, value in (("n_tokens", n_tokens), ("top_k", top_k), ("batch_size", batch_size)):
         if value <= 0:
             raise ValueError(f"{name} must be positive; got {value}.")

@@ -80,7 +80,7 @@ def any_dead(dead_mask: Tensor | None, device: torch.device) -> bool:
     elsewhere they always run (their value is then exactly 0), so no step waits for the device."""
     if dead_mask is None:
         return False
-    return bool(dead_mask.any()) if device.type == "cpu" else True
+    return bool(dead_mask.any()) if kernels.host_reads_are_free(device) else True
 
 
 class Crosscoder(PreTrainedModel):
@@ -451,7 +451,7 @@ class TopKCrosscoder(Crosscoder):
             tok, lat = self._global_pairs(sels)
             acts = torch.zeros((x.shape[0], c.d_sae), dtype=vals.dtype, device=x.device)
             acts.index_put_((tok, lat), vals.detach())
-            counts = torch.bincount(lat[vals > 0], minlength=c.d_sae)
+            counts = torch.zeros(c.d_sae, dtype=torch.long, device=x.device).scatter_add_(0, lat, (vals > 0).long())
         enc = _Encoded(acts=acts, counts=counts, selections=sels, values=vals)
         if dead is not None:
             _, lat_a = self._global_pairs(aux_sels)
@@ -530,16 +530,18 @@ class BatchTopKCrosscoder(TopKCrosscoder):
         return scores.topk(min(scores.shape[1], 4 * self.config.k), dim=-1, sorted=False)
 
     def _select(self, parts: list, x_g: Tensor, W_s: Tensor, b_s: Tensor, group: int) -> Selection:
-        """The k * batch best scores of the group over the whole batch, exactly: from the rows' candidates
-        when no row's smallest positive candidate beats the k * batch-th best (so no unseen score can),
-        otherwise from all scores (recomputed). Grouped by token (ascending flat index)."""
+        """The k * batch best scores of the group over the whole batch: from the rows' 4k candidates. On CPU
+        exactly: when a row's smallest positive candidate beats the k * batch-th best (an unseen score of it
+        might too), from all scores, recomputed. On GPUs that check would stall every step on a host read,
+        so the candidates are taken as they are (exact unless one token holds more than 4k of the batch's
+        k * batch winners). Grouped by token (ascending flat index)."""
         (batch, width) = x_g.shape[0], W_s.shape[1]
         k_total = min(self.config.k * batch, batch * width)
         values, indices = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
         per_row = values.shape[1]
         top = values.flatten().topk(k_total, sorted=False)
         floor = values.min(-1).values  # every unseen score of a row is <= its floor
-        if per_row == width or bool(((floor < top.values.min()) | (floor <= 0)).all()):
+        if per_row == width or not kernels.host_reads_are_free(x_g.device) or bool(((floor < top.values.min()) | (floor <= 0)).all()):
             flat = torch.div(top.indices, per_row, rounding_mode="floor") * width + indices.flatten()[top.indices]
         else:
             top = torch.addmm(b_s, x_g, W_s).flatten().topk(k_total, sorted=False)
@@ -553,13 +555,13 @@ class BatchTopKCrosscoder(TopKCrosscoder):
 
     @torch.no_grad()
     def _update_threshold(self, kept_scores: Tensor, group: int) -> None:
-        positive = kept_scores[kept_scores > 0]
-        if positive.numel() == 0:
-            return
+        """The group's threshold: the first batch's smallest positive kept score, then its EMA; unchanged
+        by a batch without positive scores. Tensor ops only: no step waits for the device."""
         t = self.threshold if self.threshold.dim() == 0 else self.threshold[group]
-        smallest = positive.min().to(t.dtype)
+        smallest = torch.where(kept_scores > 0, kept_scores, math.inf).min().to(t.dtype)
         m = self.config.batchtopk_threshold_momentum
-        t.copy_(smallest if t < 0 else m * t + (1 - m) * smallest)
+        updated = torch.where(t < 0, smallest, m * t + (1 - m) * smallest)
+        t.copy_(torch.where(torch.isfinite(smallest), updated, t))
 
     def _core(self, x: Tensor, dn: Tensor, dead_mask: Tensor | None) -> tuple[_Encoded, Tensor, dict]:
         if not self._gated():
@@ -592,6 +594,11 @@ class BatchTopKCrosscoder(TopKCrosscoder):
         return enc, recon, {"sparsity": x.new_zeros(())}
 
 
+def default_matryoshka_widths(width: int) -> list[int]:
+    """Prefixes of 1/16 and 1/4 of the latents, then all of them (distinct and positive for any width)."""
+    return sorted({max(1, width // 16), max(1, width // 4), width})
+
+
 @register("matryoshka_batchtopk_crosscoder")
 class MatryoshkaBatchTopKCrosscoder(BatchTopKCrosscoder):
     """BatchTopK whose latents are nested prefixes (Bussmann et al. 2025, "Learning multi-level features
@@ -609,13 +616,20 @@ class MatryoshkaBatchTopKCrosscoder(BatchTopKCrosscoder):
     def check_config(cls, config) -> None:
         super().check_config(config)
         width, widths = structure_of(config).group_width, config.matryoshka_widths
-        example = [max(1, width // 16), max(1, width // 4), width]
-        if not widths or any(isinstance(w, bool) or not isinstance(w, int) for w in widths):
-            raise ValueError(f"{cls.architecture_name} needs matryoshka_widths, increasing prefix sizes whose last "
-                             f"is the number of latents per group ({width}), e.g. {example}; got {widths!r}.")
-        if widths[-1] != width or any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] <= 0:
+        if widths is None:
+            return  # the default prefixes, `prefix_widths`
+        example = default_matryoshka_widths(width)
+        if any(isinstance(w, bool) or not isinstance(w, int) for w in widths) or not widths or widths[0] <= 0 \
+                or widths[-1] != width or any(b <= a for a, b in zip(widths, widths[1:])):
             raise ValueError(f"matryoshka_widths={widths} must increase strictly from a positive size and end at "
                              f"{width} (the latents per group), e.g. {example}.")
+
+    def prefix_widths(self) -> list[int]:
+        """The nested prefix sizes per group: matryoshka_widths, or by default width/16, width/4, width."""
+        return self.config.matryoshka_widths or default_matryoshka_widths(self.structure.group_width)
+
+    def card_rows(self) -> list[tuple[str, object]]:
+        return [(n, self.prefix_widths() if n == "matryoshka_widths" else v) for n, v in super().card_rows()]
 
     def _extra_losses(self, enc: _Encoded, dec_norms: Tensor, err: Tensor, y: Tensor,
                       dead_mask: Tensor | None) -> dict:
@@ -630,7 +644,7 @@ class MatryoshkaBatchTopKCrosscoder(BatchTopKCrosscoder):
         local = torch.cat([sel.lat for sel in enc.selections])
         recon, total = self.b_dec.flatten(), y.new_zeros(())
         previous = 0
-        for w in self.config.matryoshka_widths[:-1]:
+        for w in self.prefix_widths()[:-1]:
             in_bucket = ((local >= previous) & (local < w)).to(enc.values.dtype)
             recon = recon + SparseDecode.apply(enc.values * in_bucket, self.W_dec, self.structure,
                                                enc.selections, self.config.d_out)
