@@ -86,6 +86,8 @@ A_CASES = {  # case -> (architecture, topk_ranking, output hook, SAELens archite
     "batchtopk_decoder_scaled": ("batchtopk_crosscoder", "decoder_scaled", HOOK, "jumprelu", "equal"),
     "batchtopk_pre_activation": ("batchtopk_crosscoder", "pre_activation", HOOK, "jumprelu", "equal"),
     "batchtopk_transcoder": ("batchtopk_crosscoder", "decoder_scaled", HOOK_OUT, "jumprelu_transcoder", "equal"),
+    # Matryoshka BatchTopK exports as BatchTopK does (its nesting only shapes training)
+    "matryoshka_decoder_scaled": ("matryoshka_batchtopk_crosscoder", "decoder_scaled", HOOK, "jumprelu", "equal"),
 }
 
 
@@ -111,7 +113,7 @@ def _trained_like(architecture: str, ranking: str | None, hook_out: str, seed: i
         h = cc.pre_activations(x_norm)
         if architecture == "jumprelu_crosscoder":  # some negative: used as relu(theta)
             cc.theta.copy_(h.std(0) * (torch.rand(S) * 1.4 - 0.3))
-        if architecture == "batchtopk_crosscoder":  # a threshold that keeps about k latents per token
+        if "batchtopk" in architecture:  # a threshold that keeps about k latents per token
             scores = h.relu() * cc.rank_scale(cc.decoder_norms())
             cc.threshold.fill_(float(scores.flatten().quantile(1 - K / S)))
     cc.fold_activation_norm_scaling([0.5], [0.25 if hook_out != HOOK else 0.5])
