@@ -265,6 +265,9 @@ class CrosscoderConfig(PretrainedConfig):
 NORMALIZATIONS = ("none", "expected_average")
 LR_SCHEDULERS = ("constant", "cosineannealing", "linear")
 HUB_STRATEGIES = ("end", "checkpoint")
+B_DEC_INITS = ("mean", "zeros")
+DEAD_WINDOW_TOKENS = 10_000_000  # OpenAI's TopK recipe: dead = no activation in 10M tokens
+DEAD_WINDOW_RUN_FRACTION = 0.1
 
 
 @dataclass
@@ -314,7 +317,9 @@ class HarvestArgs(HookArgs):
 class StoreArgs:
     """The activations store: shuffle buffer, normalization, or an activation cache instead of the model."""
 
-    n_batches_in_buffer: int = arg(20, "Shuffle buffer size in training batches (lower on OOM).")
+    n_batches_in_buffer: int | None = arg(None, "Shuffle buffer size in training batches (lower on OOM); "
+                                          "default: as many as hold 20 harvests (20 x store_batch_size_prompts "
+                                          "x context_size tokens, SAELens's buffer), at least 20.")
     normalize_activations: str = arg("expected_average", "'expected_average': scale each hook so its "
                                      "mean norm is sqrt(d_model) (folded into the saved weights); "
                                      "'none'.")
@@ -323,8 +328,8 @@ class StoreArgs:
                                               "CacheActivationsRunner (the model is not loaded).")
 
     def validate_store_args(self) -> None:
-        check_positive(self, ("n_batches_in_buffer", "n_batches_for_norm_estimate"))
-        if self.n_batches_in_buffer < 2:
+        check_positive(self, ("n_batches_for_norm_estimate",))
+        if self.n_batches_in_buffer is not None and self.n_batches_in_buffer < 2:
             raise ValueError("n_batches_in_buffer must be >= 2 (half the buffer is served while the other "
                              "half refills).")
         _choice("normalize_activations", self.normalize_activations, NORMALIZATIONS)
@@ -344,8 +349,11 @@ class TrainerArgs:
     lr_end: float | None = arg(None, "Final lr for decay/cosine; default lr / 10.")
     l1_warmup_steps: int = arg(0, "Ramp the sparsity coefficient linearly from 0 over N steps.")
     max_grad_norm: float = arg(1.0, "Gradient clipping norm (0 disables).")
-    dead_feature_window: int = arg(1000, "A latent that has not fired for more than this many steps is "
-                                   "dead (feeds AuxK and the pre-activation loss).")
+    dead_feature_window: int | None = arg(None, "A latent that has not fired for more than this many steps is "
+                                          "dead (feeds AuxK and the pre-activation loss); default: 10M tokens "
+                                          "of steps, at most a tenth of the run, so AuxK engages in short runs.")
+    b_dec_init_method: str = arg("mean", "Decoder bias at the start: 'mean' of each output hook's "
+                                 "normalized activations over the first buffer (SAELens's name), or 'zeros'.")
     feature_sampling_window: int = arg(2000, "Steps over which feature densities are measured for logs.")
     wandb_log_frequency: int = arg(10, "Log training metrics every N steps.")
     eval_every_n_wandb_logs: int = arg(100, "Run evals every N logging steps (also without wandb).")
@@ -353,8 +361,11 @@ class TrainerArgs:
     autocast: bool = arg(False, "bf16 autocast for the crosscoder (GPU).")
 
     def validate_trainer_args(self) -> None:
-        check_positive(self, ("train_batch_size_tokens", "dead_feature_window", "feature_sampling_window",
-                              "wandb_log_frequency", "eval_every_n_wandb_logs"))
+        check_positive(self, ("train_batch_size_tokens", "feature_sampling_window", "wandb_log_frequency",
+                              "eval_every_n_wandb_logs"))
+        if self.dead_feature_window is not None:
+            check_positive(self, ("dead_feature_window",))
+        _choice("b_dec_init_method", self.b_dec_init_method, B_DEC_INITS)
         check_range(self, ("lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps", "max_grad_norm",
                            "adam_beta1", "adam_beta2"), 0)
         check_range(self, ("lr",), 0, strict=True)
@@ -363,6 +374,13 @@ class TrainerArgs:
         if max(self.adam_beta1, self.adam_beta2) >= 1:
             raise ValueError(f"adam_beta1/adam_beta2 must be < 1; got {self.adam_beta1}, {self.adam_beta2}.")
         _choice("lr_scheduler_name", self.lr_scheduler_name, LR_SCHEDULERS)
+
+    def dead_window_steps(self, total_steps: int) -> int:
+        """`dead_feature_window`, or DEAD_WINDOW_TOKENS of steps capped at a tenth of the run's steps."""
+        if self.dead_feature_window is not None:
+            return self.dead_feature_window
+        tokens = min(DEAD_WINDOW_TOKENS, DEAD_WINDOW_RUN_FRACTION * total_steps * self.train_batch_size_tokens)
+        return max(1, math.ceil(tokens / self.train_batch_size_tokens))
 
     def trainer_args(self) -> TrainerArgs:
         """A plain TrainerArgs with this config's values (what the trainer is given)."""

@@ -120,6 +120,9 @@ class LanguageModelCrosscoderTrainingRunner:
         set_seed(cfg.seed)
         store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
         crosscoder = Crosscoder(cfg.crosscoder_config(**self._provenance(store)))
+        if resume is None and cfg.b_dec_init_method == "mean":  # (a checkpoint holds b_dec and the buffer)
+            with torch.no_grad():
+                crosscoder.b_dec.copy_(store.mean_out())
         trainer = CrosscoderTrainer(cfg.trainer_args(), crosscoder, acc, total_steps=cfg.total_training_steps)
         if resume is not None:  # before touching the scales: the checkpoint's store holds them
             load_checkpoint(resume, trainer, store, meta)

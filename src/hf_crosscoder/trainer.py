@@ -94,6 +94,7 @@ class CrosscoderTrainer:
         self.accelerator = accelerator
         # a run's config knows its length (training_tokens // batch); a bare TrainerArgs must be told
         self.total_steps = total_steps or cfg.total_training_steps
+        self.dead_window = cfg.dead_window_steps(self.total_steps)
         optimizer = make_optimizer(cfg, crosscoder)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
         deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -116,7 +117,7 @@ class CrosscoderTrainer:
         return self.accelerator.unwrap_model(self.model)
 
     def dead_mask(self) -> Tensor:
-        return self.state.steps_since_fired > self.cfg.dead_feature_window
+        return self.state.steps_since_fired > self.dead_window
 
     def train_step(self, acts_in: Tensor, acts_out: Tensor):
         """One optimizer step on this process's share of the global batch."""
