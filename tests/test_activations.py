@@ -7,7 +7,7 @@ import torch
 from helpers import D_MODEL, make_runner_config
 from transformers import AutoModelForCausalLM
 
-from hf_crosscoder.activations import ActivationsStore, per_process_batch_size
+from hf_crosscoder.activations import ActivationsStore, buffer_batches, per_process_batch_size
 from hf_crosscoder.data import special_token_mask
 from hf_crosscoder.harvest import load_model_and_tokenizer
 from hf_crosscoder.hooks import capture_activations
@@ -129,6 +129,30 @@ def test_normalization_gives_mean_norm_sqrt_d_model(cfg):
     expected = math.sqrt(D_MODEL) / first.norm(dim=-1).mean(0)
     torch.testing.assert_close(torch.cat([store.scale_in, store.scale_out]), expected.float())
     assert store.scale_in.shape == (2,) and (store.scale_in > 1).all()  # random init: small norms
+
+
+@pytest.mark.parametrize("normalize", ["none", "expected_average"])
+def test_mean_out_is_the_normalized_mean_of_the_first_buffer(cfg, normalize):
+    store = ActivationsStore(cfg(normalize_activations=normalize))
+    records = _spy_harvest(store)
+    mean = store.mean_out()
+    # what b_dec starts at: each output hook's mean over the first buffer's rows (BOS rows left out), scaled
+    rows = torch.cat([a[~s] for _, a, s in records]).double()[:store.buffer_rows]
+    want = rows[:, store._out_index].mean(0) * store.scale_out.double()[:, None]
+    torch.testing.assert_close(mean, want.float())
+    n_harvests = len(records)
+    store.next_batch()  # nothing was consumed: serving starts from that same buffer, no new harvest
+    assert len(records) == n_harvests
+
+
+def test_default_buffer_holds_twenty_harvests_and_small_buffers_warn(cfg, caplog):
+    c = cfg(n_batches_in_buffer=None)  # make_runner_config's tiny shapes: 20 harvests of 4 x 32 tokens = 2560 rows of batch 64
+    assert c.n_batches_in_buffer is None
+    assert buffer_batches(c, 64) == 40 and buffer_batches(c, 1000) == 20 and buffer_batches(c, 100) == 26
+    assert buffer_batches(cfg(n_batches_in_buffer=3), 64) == 3
+    with caplog.at_level("WARNING", logger="hf_crosscoder.activations"):
+        ActivationsStore(cfg(n_batches_in_buffer=4))
+    assert "raise n_batches_in_buffer" in caplog.text.lower() and "sequences" in caplog.text
 
 
 def test_hook_both_input_and_output_is_stored_once(cfg):

@@ -68,8 +68,11 @@ def test_normalization_from_cache_metadata(tiny_model_dir, text_dataset_path, tm
     store = ActivationsStore(make_runner_config(tiny_model_dir, text_dataset_path, cached_activations_path=str(path)))
     expected = torch.tensor([math.sqrt(D_MODEL) / means[h] for h in HOOKS_IN])
     torch.testing.assert_close(store.scale_in, expected)
+    # b_dec's data init reads the buffer although the scales needed none of it (the metadata had them)
+    mean = store.mean_out()
     acts_in, acts_out = store.next_batch()
     assert abs(acts_out.norm(dim=-1).mean().item() - math.sqrt(D_MODEL)) < 0.1 * math.sqrt(D_MODEL)
+    assert mean.shape == (2, D_MODEL) and mean.norm(dim=-1).min() > 0
 
 
 def test_mismatched_metadata_is_refused(tiny_model_dir, text_dataset_path, tmp_path):

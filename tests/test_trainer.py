@@ -84,6 +84,17 @@ def test_dead_latents_are_tracked_and_feed_auxk():
     assert out.losses["aux"] > 0
 
 
+def test_default_dead_window_is_10m_tokens_capped_at_a_tenth_of_the_run():
+    from hf_crosscoder.config import TrainerArgs
+
+    args = TrainerArgs(train_batch_size_tokens=4096)
+    assert args.dead_feature_window is None
+    assert args.dead_window_steps(100_000) == math.ceil(10_000_000 / 4096)  # long run: 10M tokens
+    assert args.dead_window_steps(488) == 49  # short run: a tenth of it
+    assert args.dead_window_steps(3) == 1
+    assert TrainerArgs(dead_feature_window=7).dead_window_steps(10) == 7
+
+
 def test_nan_loss_stops_with_clear_error():
     cfg = _cfg(wandb_log_frequency=1)
     trainer = _trainer(cfg)
