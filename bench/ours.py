@@ -15,8 +15,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import emit, load_acts, median_time, peak_rss_bytes, setup  # noqa: E402
 
-ARCHS = ["crosscoder", "skip_crosscoder", "jumprelu_crosscoder", "topk_crosscoder", "batchtopk_crosscoder"]
-
 p = argparse.ArgumentParser()
 p.add_argument("acts", help=".safetensors with 'acts' [batch, n_hooks * d_model] (inputs; targets too "
                "when --hooks-out is 0)")
@@ -26,7 +24,7 @@ p.add_argument("--separate-out", action="store_true", help="outputs are other ho
 p.add_argument("--d-sae", type=int, default=16384)
 p.add_argument("--k", type=int, default=32)
 p.add_argument("--reps", type=int, default=5)
-p.add_argument("--archs", default=",".join(ARCHS))
+p.add_argument("--archs", default="all", help="comma-separated, or 'all' (every registered architecture)")
 p.add_argument("--mode", choices=["model", "trainer"], default="model")
 p.add_argument("--peak", action="store_true", help="also time the fp32 matmul peak in this process")
 args = p.parse_args()
@@ -37,7 +35,7 @@ y = torch.randn_like(x) if args.separate_out else x
 from accelerate import Accelerator  # noqa: E402
 
 from hf_crosscoder.config import CrosscoderConfig, LanguageModelCrosscoderRunnerConfig  # noqa: E402
-from hf_crosscoder.modeling import Crosscoder  # noqa: E402
+from hf_crosscoder.modeling import ARCHITECTURES, Crosscoder  # noqa: E402
 from hf_crosscoder.trainer import CrosscoderTrainer  # noqa: E402
 
 rss_before = peak_rss_bytes()  # data loaded, libraries imported, no model yet
@@ -74,7 +72,7 @@ def make_step(arch: str):
     return step
 
 
-for arch in args.archs.split(","):
+for arch in (list(ARCHITECTURES) if args.archs == "all" else args.archs.split(",")):
     result["results"][arch] = median_time(make_step(arch), args.reps)
 result["rss_before_bytes"] = rss_before
 result["peak_rss_bytes"] = peak_rss_bytes()

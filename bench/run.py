@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from hf_crosscoder.modeling import ARCHITECTURES
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SECTIONS = ["archs", "peers", "decode", "memory", "harvest", "e2e", "overlap", "distributed"]
-ARCHS = ["crosscoder", "skip_crosscoder", "jumprelu_crosscoder", "topk_crosscoder", "batchtopk_crosscoder"]
+ARCHS = list(ARCHITECTURES)  # every registered architecture, Matryoshka included
 PEER_ARCHS = {"crosscoder": ("saelens", "standard"), "topk_crosscoder": ("saelens", "topk"),
               "batchtopk_crosscoder": ("saelens", "batchtopk"), "jumprelu_crosscoder": ("saelens", "jumprelu")}
 TARGETS = {"saelens": 0.8, "sparsify": 1.0, "flops": 0.5, "decode": 3.0, "memory": 1.3, "scaling": 1.6}
