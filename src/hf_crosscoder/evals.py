@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .config import layer_labels
 from .hooks import forward_kwargs, splice
 from .metrics import dead_and_dense_fractions, density_log10
 from .modeling import Crosscoder
@@ -77,14 +78,14 @@ def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None) ->
         for t in sums.tensors():
             t.copy_(accelerator.reduce(t, "sum"))
     crosscoder.train(was_training)
-    return _finish(sums, cfg.hook_names_out, causal)
+    return _finish(sums, layer_labels(cfg, "out"), causal)
 
 
 def _eval_batches(store, n_batches: int):
     """(tokens, acts_in, acts_out, keep) per batch. Training from an activation cache there is no model,
     so no tokens: the batches come from the store's stream (reconstruction metrics only)."""
     for _ in range(n_batches):
-        if store.model is None:
+        if not getattr(store, "serves_tokens", store.model is not None):
             acts_in, acts_out = store.next_batch()
             yield None, acts_in, acts_out, torch.ones(acts_in.shape[0], dtype=torch.bool, device=acts_in.device)
         else:

@@ -33,7 +33,7 @@ from .config import LanguageModelCrosscoderRunnerConfig
 from .evals import evaluate, scalar_metrics
 from .hub import push_folder_to_hub, save_for_hub
 from .modeling import Crosscoder
-from .naming import public_path, public_provenance
+from .naming import public_model_names, public_path, public_provenance
 from .plots import draw_all
 from .trainer import CrosscoderTrainer, StopTraining, install_signal_handlers
 
@@ -156,13 +156,16 @@ class LanguageModelCrosscoderTrainingRunner:
         context size when training from one, named publicly (Hub ids, never machine paths)."""
         cfg, cached = self.cfg, store.provenance
         source = {"model_name": cfg.model_name, "dataset_path": cfg.dataset_path, **cached}
-        return {**cached, **public_provenance(source["model_name"], source["dataset_path"], cfg.base_model_id)}
+        names = {"model_names": public_model_names(cfg.model_names, cfg.base_model_id)}
+        return {**cached, **public_provenance(source["model_name"], source["dataset_path"], cfg.base_model_id),
+                **names}
 
     def _public_config(self, crosscoder: Crosscoder) -> LanguageModelCrosscoderRunnerConfig:
         """The run's config as the model card shows it (reproduce command, full configuration): the model
         and data by their public names, the run's own folders by their names, no resume."""
         c, cfg = crosscoder.config, self.cfg
-        return dataclasses.replace(cfg, model_name=c.model_name, dataset_path=c.dataset_path,
+        model_name = c.model_names[0] if c.model_names else c.model_name  # (model_name reads as model_names[0])
+        return dataclasses.replace(cfg, model_name=model_name, model_names=c.model_names, dataset_path=c.dataset_path,
                                    output_path=public_path(cfg.output_path),
                                    checkpoint_path=public_path(cfg.checkpoint_path),
                                    cached_activations_path=public_path(cfg.cached_activations_path),
