@@ -153,8 +153,14 @@ def test_runner_trains_saves_and_reloads_a_diff(tiny_model_dir, chat_model_dir, 
     metrics = json.loads((out / "metrics.json").read_text())
     for label in layer_labels(reloaded.config, "out"):
         assert 0 <= metrics[f"fvu_normalized/{label}"] < 2
+    counts = {key: value for key, value in metrics.items() if key.startswith("diff_latents/")}
+    assert list(counts) == ["diff_latents/only tiny_gpt_neox0", "diff_latents/only chat", "diff_latents/shared"]
+    assert sum(counts.values()) == cfg.d_sae
     card = (out / "README.md").read_text()
     assert "base_model:\n- tiny_gpt_neox0\n- chat\n" in card and "`chat/blocks.3.hook_resid_post`" in card
+    assert "### Model diff" in card and f"| shared | {counts['diff_latents/shared']} |" in card
+    for png in ("diff_relative_norm.png", "diff_decoder_cosine.png", "diff_beta_ratio.png"):
+        assert (out / png).is_file() and png in card
     store = ActivationsStore(make_runner_config(tiny_model_dir, text_dataset_path, normalize_activations="none",
                                                 model_names=cfg.model_names, **HOOKS), device="cpu")
     acts_in, _ = store.next_batch()

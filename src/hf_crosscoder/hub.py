@@ -227,7 +227,17 @@ def _eval_section(config: Any, metrics: Mapping[str, Any] | None) -> str:
             "'n/a': not measured (e.g. CE metrics of encoder models).")
     if not metrics:
         note = "No evaluation metrics were recorded for this crosscoder. " + note
-    return f"{per_hook}\n\n{summary}\n\n{note}"
+    return f"{per_hook}\n\n{summary}\n\n{note}{_diff_counts(metrics)}"
+
+
+def _diff_counts(metrics: Mapping[str, Any]) -> str:
+    """Model diffing: latents per class (hf_crosscoder.diffing.classify_latents), when recorded."""
+    rows = [(key.split("/", 1)[1], _metric(metrics, key)) for key in metrics if key.startswith("diff_latents/")]
+    if not rows:
+        return ""
+    note = ("A latent is 'only <model>' when that model holds more than 90% of its decoder norm (normalized "
+            "space; Anthropic's 0.1 / 0.9 relative-norm convention), else 'shared'.")
+    return "\n\n### Model diff\n\n" + _table(("latents", "count"), rows) + "\n\n" + note
 
 
 def _command(command: str | None, run_config: Mapping[str, Any] | None, config: Any) -> str:
