@@ -180,3 +180,31 @@ def test_decoder_norm_shares_classify_planted_features(arch, one_thread):
     print(f"{arch}: recovered {int(recovered.sum())}/72, correctly classified {correct:.3f}")
     assert recovered.float().mean() >= 0.8, int(recovered.sum())
     assert correct >= 0.9, correct
+
+
+# ------------------------------------------------------------------ shared latents
+@pytest.mark.parametrize("arch", ["crosscoder", "topk_crosscoder"])
+def test_shared_latents_stay_tied_through_training(arch, one_thread):
+    kw = {"shared_sparsity_scale": 0.2} if arch == "crosscoder" else {}
+    m, *_ = train_diff(arch, steps=30, n_shared_latents=8, k=4, **kw)
+    W = m.W_dec.detach()
+    assert torch.equal(W[:8, 0], W[:8, 1])  # bit-identical copies: one decoder vector per hook
+    assert not torch.equal(W[8:, 0], W[8:, 1])
+    fresh = Crosscoder(m.config)
+    assert not torch.allclose(fresh.W_dec[:8], W[:8])  # they did train
+    torch.testing.assert_close(decoder_cosines(m)[:8], torch.ones(8))
+
+
+def test_shared_sparsity_scale_scales_the_shared_latents_l1():
+    cc = diff_crosscoder(n_shared_latents=3, shared_sparsity_scale=0.25)
+    x = torch.randn(5, 2, D).double()
+    f = cc.encode(x).detach()
+    dn = cc.decoder_norms().detach()
+    weight = torch.tensor([0.25] * 3 + [1.0] * 7).double()
+    expected = cc.config.l1_coefficient * (f * dn * weight).sum(1).mean()
+    torch.testing.assert_close(cc(x, torch.randn(5, 4, D).double()).losses["sparsity"], expected)
+    with pytest.raises(ValueError, match="needs model_names"):
+        CrosscoderConfig(d_model=D, d_sae=4, n_shared_latents=2, **HOOKS)
+    with pytest.raises(ValueError, match="Leave shared_sparsity_scale at 1"):
+        CrosscoderConfig(d_model=D, d_sae=64, k=4, n_shared_latents=2, shared_sparsity_scale=0.5, model_names=["a", "b"],
+                         architecture="topk_crosscoder", **HOOKS)

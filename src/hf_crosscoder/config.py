@@ -131,8 +131,9 @@ class CrosscoderArgs(HookArgs):
                                         "(SAELens, default), 'all' (Anthropic) or 'none'.")
     n_shared_latents: int = arg(0, "Model diffing: the first N latents have one decoder vector per hook, "
                                 "shared by every model (Anthropic, Feb 2025); the rest are free.")
-    shared_sparsity_scale: float = arg(1.0, "Multiplier of the shared latents' sparsity term (Anthropic used "
-                                       "0.1-0.2: shared latents then cost less than model-specific ones).")
+    shared_sparsity_scale: float = arg(1.0, "Multiplier of the shared latents' L1 term (crosscoder, "
+                                       "skip_crosscoder; Anthropic used 0.1-0.2: shared latents then cost less "
+                                       "than model-specific ones).")
     batchtopk_threshold_momentum: float = arg(0.99, "EMA momentum of the BatchTopK inference threshold.")
     decoder_init_norm: float = arg(0.1, "Initial L2 norm of each latent's decoder vector in each layer.")
 
@@ -144,6 +145,7 @@ SPARSITY_DECODER_NORMS = ("sum", "concat")
 JUMPRELU_SPARSITIES = ("step", "tanh")
 PRE_ACT_LATENTS = ("dead", "all", "none")
 TOPK_RANKINGS = ("decoder_scaled", "pre_activation")
+L1_ARCHITECTURES = ("crosscoder", "skip_crosscoder")  # whose sparsity term is L1 weighted by decoder norms
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -224,6 +226,10 @@ def _check_shared_latents(c: Any) -> None:
                          "more models). Set n_shared_latents=0 for one model.")
     if c.d_sae is not None and c.n_shared_latents > c.d_sae:
         raise ValueError(f"n_shared_latents={c.n_shared_latents} exceeds d_sae={c.d_sae}.")
+    if c.shared_sparsity_scale != 1 and c.architecture not in L1_ARCHITECTURES:
+        raise ValueError(f"shared_sparsity_scale scales the decoder-norm-weighted L1 term of "
+                         f"{' / '.join(L1_ARCHITECTURES)}; architecture={c.architecture!r} has none it applies to. "
+                         "Leave shared_sparsity_scale at 1.")
 
 
 class CrosscoderConfig(PretrainedConfig):
