@@ -1,6 +1,7 @@
 """Model diffing's config and paired harvest: several models on the same tokens, model-major layers."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_crosscoder import Crosscoder, CrosscoderConfig, LanguageModelCrosscoderTrainingRunner
 from hf_crosscoder.activations import ActivationsStore
+from hf_crosscoder.cli import parse_runner_config
 from hf_crosscoder.config import layer_labels
 from hf_crosscoder.harvest import LMActivationSource
 from hf_crosscoder.multimodel import MultiModelActivationSource
@@ -166,3 +168,13 @@ def test_runner_trains_saves_and_reloads_a_diff(tiny_model_dir, chat_model_dir, 
     acts_in, _ = store.next_batch()
     torch.testing.assert_close(reloaded(acts_in).reconstruction, trained.eval()(acts_in).reconstruction)
     assert (out / "checkpoints" / "step_6").is_dir()
+
+
+def test_example_config_and_flags_parse():
+    example = Path(__file__).resolve().parents[1] / "examples" / "diffing_pythia.yaml"
+    cfg = parse_runner_config(["--config", str(example)])
+    assert cfg.model_names == ["EleutherAI/pythia-70m", "lomahony/eleuther-pythia70m-hh-sft"]
+    assert cfg.model_name == "EleutherAI/pythia-70m" and cfg.crosscoder_config().n_in == 2
+    flags = parse_runner_config(["--model_names", "a", "b", "--model_devices", "cpu", "cpu", "--hook_names_in", "h",
+                                 "--hook_names_out", "h", "--n_shared_latents", "4", "--shared_sparsity_scale", "0.2"])
+    assert (flags.model_names, flags.model_devices, flags.n_shared_latents) == (["a", "b"], ["cpu", "cpu"], 4)
