@@ -178,3 +178,19 @@ def test_example_config_and_flags_parse():
     flags = parse_runner_config(["--model_names", "a", "b", "--model_devices", "cpu", "cpu", "--hook_names_in", "h",
                                  "--hook_names_out", "h", "--n_shared_latents", "4", "--shared_sparsity_scale", "0.2"])
     assert (flags.model_names, flags.model_devices, flags.n_shared_latents) == (["a", "b"], ["cpu", "cpu"], 4)
+
+
+def test_resume_of_a_diff_equals_uninterrupted(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path):
+    common = dict(architecture="topk_crosscoder", k=8, training_tokens=64 * 8, n_checkpoints=1, n_shared_latents=16)
+    diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path, output_path=str(tmp_path / "a"), **common)
+    LanguageModelCrosscoderTrainingRunner(diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path,
+                                                      output_path=str(tmp_path / "a"), **common)).run()
+    resumed = diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path, output_path=str(tmp_path / "b"),
+                          resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / "step_4"), **common)
+    LanguageModelCrosscoderTrainingRunner(resumed).run()
+    a, b = (Crosscoder.from_pretrained(tmp_path / name) for name in ("a", "b"))
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    W = a.W_dec.detach() * torch.tensor(a.config.activation_scale_out)[None, :, None]  # back to training space
+    torch.testing.assert_close(W[:16, :2], W[:16, 2:], rtol=1e-5, atol=0)  # shared latents tied (fold undone)
+    assert not torch.allclose(W[16:, :2], W[16:, 2:], rtol=1e-2, atol=0)
