@@ -1,6 +1,7 @@
 """Model diffing's config and paired harvest: several models on the same tokens, model-major layers."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from hf_crosscoder import Crosscoder, CrosscoderConfig, LanguageModelCrosscoderT
 from hf_crosscoder.activations import ActivationsStore
 from hf_crosscoder.cli import parse_runner_config
 from hf_crosscoder.config import layer_labels
+from hf_crosscoder.evals import evaluate
 from hf_crosscoder.harvest import LMActivationSource
 from hf_crosscoder.multimodel import MultiModelActivationSource
 
@@ -155,6 +157,7 @@ def test_runner_trains_saves_and_reloads_a_diff(tiny_model_dir, chat_model_dir, 
     metrics = json.loads((out / "metrics.json").read_text())
     for label in layer_labels(reloaded.config, "out"):
         assert 0 <= metrics[f"fvu_normalized/{label}"] < 2
+        assert math.isfinite(metrics[f"ce_loss_score/{label}"]) and metrics[f"kl_div/{label}"] >= 0
     counts = {key: value for key, value in metrics.items() if key.startswith("diff_latents/")}
     assert list(counts) == ["diff_latents/only tiny_gpt_neox0", "diff_latents/only chat", "diff_latents/shared"]
     assert sum(counts.values()) == cfg.d_sae
@@ -194,3 +197,20 @@ def test_resume_of_a_diff_equals_uninterrupted(tiny_model_dir, chat_model_dir, t
     W = a.W_dec.detach() * torch.tensor(a.config.activation_scale_out)[None, :, None]  # back to training space
     torch.testing.assert_close(W[:16, :2], W[:16, 2:], rtol=1e-5, atol=0)  # shared latents tied (fold undone)
     assert not torch.allclose(W[16:, :2], W[16:, 2:], rtol=1e-2, atol=0)
+
+
+def test_ce_evals_splice_each_model_with_its_own_reconstruction(tiny_model_dir, chat_model_dir, text_dataset_path,
+                                                                 tmp_path):
+    cfg = diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path)
+    torch.manual_seed(0)
+    metrics = evaluate(Crosscoder(cfg.crosscoder_config()), ActivationsStore(cfg, device="cpu"), 2)
+    for name in cfg.model_names:  # the clean CE of each model is its own single-model one
+        single_cfg = make_runner_config(name, text_dataset_path, **HOOKS)
+        single = evaluate(Crosscoder(single_cfg.crosscoder_config()), ActivationsStore(single_cfg, device="cpu"), 2)
+        assert metrics[f"ce_loss_clean/{name}"] == pytest.approx(single["ce_loss_clean"], rel=1e-6)
+        for hook in HOOKS["hook_names_out"]:
+            zero = metrics[f"ce_loss_zero_ablated/{name}/{hook}"]
+            assert zero == pytest.approx(single[f"ce_loss_zero_ablated/{hook}"], rel=1e-6)
+            assert metrics[f"kl_div/{name}/{hook}"] >= 0
+    a, b = cfg.model_names
+    assert metrics[f"ce_loss_clean/{a}"] != metrics[f"ce_loss_clean/{b}"]
