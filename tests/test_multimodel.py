@@ -16,7 +16,9 @@ from hf_crosscoder.cli import parse_runner_config
 from hf_crosscoder.config import layer_labels
 from hf_crosscoder.evals import evaluate
 from hf_crosscoder.harvest import LMActivationSource
+from hf_crosscoder.hooks import capture_activations
 from hf_crosscoder.multimodel import MultiModelActivationSource
+from hf_crosscoder.usage import feature_activations, spliced
 
 HOOKS = dict(hook_names_in=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
              hook_names_out=["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"])
@@ -214,3 +216,20 @@ def test_ce_evals_splice_each_model_with_its_own_reconstruction(tiny_model_dir, 
             assert metrics[f"kl_div/{name}/{hook}"] >= 0
     a, b = cfg.model_names
     assert metrics[f"ce_loss_clean/{a}"] != metrics[f"ce_loss_clean/{b}"]
+
+
+def test_feature_activations_of_a_diff_read_every_model(tiny_model_dir, chat_model_dir, tiny_model_and_tokenizer):
+    base, tokenizer = tiny_model_and_tokenizer
+    chat = GPTNeoXForCausalLM.from_pretrained(chat_model_dir).eval()
+    torch.manual_seed(0)
+    cc = Crosscoder(CrosscoderConfig(d_model=D_MODEL, d_sae=32, model_names=["base", "chat"], **HOOKS)).eval()
+    [(tokens, acts)] = feature_activations(cc, [base, chat], tokenizer, texts=["the cat sees a red ball"])
+    ids = torch.tensor([tokenizer("the cat sees a red ball")["input_ids"]])
+    parts = [torch.stack([capture_activations(m, HOOKS["hook_names_in"], ids)[h][0] for h in HOOKS["hook_names_in"]], 1)
+             for m in (base, chat)]
+    torch.testing.assert_close(acts, cc.encode(torch.cat(parts, dim=1)))
+    assert len(tokens) == ids.shape[1]
+    with pytest.raises(ValueError, match="pass a list of 2 models"):
+        feature_activations(cc, base, tokenizer, texts=["the cat"])
+    with pytest.raises(ValueError, match="evaluate"), spliced(cc, base):
+        pass
