@@ -233,3 +233,25 @@ def test_feature_activations_of_a_diff_read_every_model(tiny_model_dir, chat_mod
         feature_activations(cc, base, tokenizer, texts=["the cat"])
     with pytest.raises(ValueError, match="evaluate"), spliced(cc, base):
         pass
+
+
+def test_diff_on_two_processes_writes_one_output_and_resumes_exactly(tiny_model_dir, chat_model_dir,
+                                                                     text_dataset_path, tmp_path):
+    from test_distributed import _runner_config_file, accelerate_launch
+
+    common = dict(architecture="topk_crosscoder", k=8, training_tokens=64 * 8, n_checkpoints=1,
+                  n_shared_latents=16, wandb_log_frequency=2)
+    full = diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path, output_path=str(tmp_path / "a"),
+                       **common)
+    accelerate_launch("accelerate_configs/cpu_2proc.yaml", "scripts/train.py",
+                      "--config", _runner_config_file(tmp_path / "a.json", full))
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and "diff_latents/shared" in metrics
+    resumed = diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path, output_path=str(tmp_path / "b"),
+                          resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / "step_4"), **common)
+    accelerate_launch("accelerate_configs/cpu_2proc.yaml", "scripts/train.py",
+                      "--config", _runner_config_file(tmp_path / "b.json", resumed))
+    a, b = (Crosscoder.from_pretrained(tmp_path / name) for name in ("a", "b"))
+    assert all(torch.equal(value, b.state_dict()[key]) for key, value in a.state_dict().items())
+    W = a.W_dec.detach() * torch.tensor(a.config.activation_scale_out)[None, :, None]
+    torch.testing.assert_close(W[:16, :2], W[:16, 2:], rtol=1e-5, atol=0)  # tied under DDP too
