@@ -10,7 +10,12 @@ from conftest import build_tokenizer
 from helpers import D_MODEL, N_LAYERS, make_documents, make_runner_config
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from hf_crosscoder import Crosscoder, CrosscoderConfig, LanguageModelCrosscoderTrainingRunner
+from hf_crosscoder import (
+    CacheActivationsRunnerConfig,
+    Crosscoder,
+    CrosscoderConfig,
+    LanguageModelCrosscoderTrainingRunner,
+)
 from hf_crosscoder.activations import ActivationsStore
 from hf_crosscoder.cli import parse_runner_config
 from hf_crosscoder.config import layer_labels
@@ -145,6 +150,13 @@ def test_cache_is_refused(tiny_model_dir, chat_model_dir, text_dataset_path, tmp
                       cached_activations_path=str(tmp_path))
     with pytest.raises(ValueError, match="drop cached_activations_path"):
         ActivationsStore(cfg, device="cpu")
+
+
+def test_cache_of_several_models_is_refused(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path):
+    with pytest.raises(ValueError, match="cache each model on its own"):
+        CacheActivationsRunnerConfig(model_names=[tiny_model_dir, chat_model_dir], d_model=D_MODEL,
+                                     dataset_path=text_dataset_path, new_cached_activations_path=str(tmp_path / "c"),
+                                     **HOOKS)
 
 
 # ------------------------------------------------------------------------------------------- runner
