@@ -181,8 +181,8 @@ def test_per_model_share_appears_only_for_several_models(random_crosscoder, tiny
     # a two-model crosscoder's output rows are (model, hook) pairs, model-major
     torch.manual_seed(1)
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(4)]
-    two = Crosscoder(CrosscoderConfig(d_model=64, hook_names_in=HOOKS_IN, hook_names_out=hooks, d_sae=32)).eval()
-    two.config.model_names = ["base", "chat"]
+    two = Crosscoder(CrosscoderConfig(d_model=64, hook_names_in=HOOKS_IN, hook_names_out=hooks[2:], d_sae=32,
+                                      model_names=["base", "chat"])).eval()
     data = dashboard_data(two, stats, tokenizer, model)
     norms = two.W_dec.detach().norm(dim=-1)
     expected = norms[:, :2].sum(1) / norms.sum(1)
@@ -368,8 +368,8 @@ def test_page_shows_per_model_shares_of_a_two_model_crosscoder(browser, random_c
     stats = collect_latent_stats(random_crosscoder, model, [eval_tokens], top_k=3)
     torch.manual_seed(1)
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(4)]
-    two = Crosscoder(CrosscoderConfig(d_model=64, hook_names_in=HOOKS_IN, hook_names_out=hooks, d_sae=32)).eval()
-    two.config.model_names = ["base", "chat"]
+    two = Crosscoder(CrosscoderConfig(d_model=64, hook_names_in=HOOKS_IN, hook_names_out=hooks[2:], d_sae=32,
+                                      model_names=["base", "chat"])).eval()
     index = write_dashboard(tmp_path, two, stats, tokenizer, model)
     share = read_data(index)["columns"]["model_share"][0]
     page = browser.new_page()

@@ -72,7 +72,9 @@ def accelerate_launch(config_file: str, *args: str, timeout: int = 300, cpu: boo
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config_file),
            "--main_process_port", str(port), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    # tests/ for the worker modules, then the caller's PYTHONPATH (a checkout's src/ run without installing)
+    paths = [str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths)}
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

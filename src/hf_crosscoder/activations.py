@@ -47,8 +47,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .cache import CachedActivationsReader
-from .config import hook_union
+from .config import hook_union, layer_labels
 from .harvest import LMActivationSource, mean_norm_stats
+from .multimodel import MultiModelActivationSource
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +96,28 @@ def _warn_if_buffer_mixes_poorly(buffer_rows: int, context_size: int) -> None:
 def activation_source(cfg: Any, hook_names: list[str], model: nn.Module | None = None, tokenizer: Any = None,
                       device: str | torch.device | None = None) -> Any:
     """The source a config asks for: an activation cache (`cached_activations_path`, no model loaded), else
-    the language model (loaded from `model_name` unless given)."""
+    the language model (loaded from `model_name` unless given), or several on the same tokens (`model_names`:
+    model diffing; `model` may then be a list of models)."""
+    if getattr(cfg, "model_names", None) and cfg.cached_activations_path:
+        raise ValueError("an activation cache holds one model's activations; train a model diff (model_names) "
+                         "from the models directly (drop cached_activations_path).")
+    if getattr(cfg, "model_names", None):
+        return MultiModelActivationSource(cfg, hook_union(cfg.hook_names_in, cfg.hook_names_out), model,
+                                          tokenizer, device)
     if cfg.cached_activations_path:
         state = PartialState()
         return CachedActivationsReader(cfg.cached_activations_path, hook_names, cfg.d_model, state.process_index,
                                        state.num_processes, cfg.store_batch_size_prompts * cfg.context_size,
                                        cfg.exclude_special_tokens)
     return LMActivationSource(cfg, hook_names, model, tokenizer, device)
+
+
+def stored_layers(cfg: Any) -> list[str]:
+    """The layers a store holds, each once: the hooks read or written (inputs first), per model (model-major,
+    `model/hook`) when `cfg.model_names` lists several."""
+    hooks = hook_union(cfg.hook_names_in, cfg.hook_names_out)
+    names = getattr(cfg, "model_names", None)
+    return [f"{m}/{h}" for m in names for h in hooks] if names else hooks
 
 
 class ActivationsStore:
@@ -120,8 +136,9 @@ class ActivationsStore:
         self.cfg, self.process_index, self.num_processes = cfg, state.process_index, state.num_processes
         self.batch_size = per_process_batch_size(cfg.train_batch_size_tokens, self.num_processes)
         self.device = torch.device(device or cfg.device or state.device)
-        self.hook_names_in, self.hook_names_out = list(cfg.hook_names_in), list(cfg.hook_names_out)
-        self.hook_names = hook_union(self.hook_names_in, self.hook_names_out)  # each stored once
+        # the layers: hooks, or (model, hook) pairs `model/hook` model-major (model diffing)
+        self.hook_names_in, self.hook_names_out = layer_labels(cfg, "in"), layer_labels(cfg, "out")
+        self.hook_names = stored_layers(cfg)  # each stored once
         self.source = source if source is not None else activation_source(cfg, self.hook_names, model, tokenizer,
                                                                           self.device)
         if list(self.source.hook_names) != self.hook_names:
@@ -261,8 +278,14 @@ class ActivationsStore:
 
     # --- token-level access for evals ---
 
+    @property
+    def serves_tokens(self) -> bool:
+        """Whether the source reads a token stream (the LM or several models), so evals can run on fresh
+        tokens; an activation cache does not."""
+        return hasattr(self.source, "next_tokens")
+
     def _require_model(self, what: str) -> None:
-        if self.model is None:
+        if not self.serves_tokens:
             raise ValueError(f"{what} needs the language model, but this store reads an activation cache "
                              "(cached_activations_path); run evals that need tokens without the cache.")
 

@@ -55,6 +55,9 @@ class CacheActivationsRunnerConfig(HarvestArgs):
             raise ValueError("new_cached_activations_path is required: the directory to write the cache to.")
         super().__post_init__()
         check_positive(self, ("shard_size_tokens",))
+        if self.model_names:
+            raise ValueError("an activation cache holds one model's activations (model_names is model diffing); "
+                             "cache each model on its own with model_name, or train the diff from the models.")
 
     @property
     def hook_names(self) -> list[str]:

@@ -36,6 +36,36 @@ def hook_union(hooks_in: list[str], hooks_out: list[str]) -> list[str]:
     return list(dict.fromkeys([*hooks_in, *hooks_out]))
 
 
+def n_models(c: Any) -> int:
+    """How many models a config's crosscoder reads (its `model_names`, else one)."""
+    names = getattr(c, "model_names", None)
+    return len(names) if names else 1
+
+
+def layer_labels(c: Any, side: str) -> list[str]:
+    """The name of each input (`side` 'in') or output ('out') layer of the crosscoder's layer axis: its
+    hooks, or for several models the (model, hook) pairs as `model/hook`, model-major (the acts index of
+    model m's hook h is m * n_hooks + h)."""
+    hooks = list(c.hook_names_in if side == "in" else c.hook_names_out)
+    names = getattr(c, "model_names", None)
+    return [f"{m}/{h}" for m in names for h in hooks] if names else hooks
+
+
+def validate_model_names(c: Any) -> None:
+    """model_names (model diffing): None, or two or more distinct names, on the dense structure only."""
+    names = getattr(c, "model_names", None)
+    if names is None:
+        return
+    if isinstance(names, str) or len(names) < 2:
+        raise ValueError(f"model_names must list two or more models (Hub ids or local folders) to diff; got "
+                         f"{names!r}. For one model use model_name.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"model_names lists a model twice: {list(names)}; list each model once.")
+    if getattr(c, "layer_structure", "dense") != "dense":
+        raise ValueError(f"layer_structure={c.layer_structure!r} is not supported with model_names (model "
+                         "diffing); use layer_structure='dense'.")
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """'float32' / 'bfloat16' / 'torch.float16' -> the torch dtype; ValueError for anything else."""
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
@@ -99,6 +129,11 @@ class CrosscoderArgs(HookArgs):
                                               "relu(theta - h) * decoder_norm that revives latents.")
     jumprelu_pre_act_latents: str = arg("dead", "Latents the pre-activation loss applies to: 'dead' "
                                         "(SAELens, default), 'all' (Anthropic) or 'none'.")
+    n_shared_latents: int = arg(0, "Model diffing: the first N latents have one decoder vector per hook, "
+                                "shared by every model (Anthropic, Feb 2025); the rest are free.")
+    shared_sparsity_scale: float = arg(1.0, "Multiplier of the shared latents' L1 term (crosscoder, "
+                                       "skip_crosscoder; Anthropic used 0.1-0.2: shared latents then cost less "
+                                       "than model-specific ones).")
     batchtopk_threshold_momentum: float = arg(0.99, "EMA momentum of the BatchTopK inference threshold.")
     decoder_init_norm: float = arg(0.1, "Initial L2 norm of each latent's decoder vector in each layer.")
 
@@ -110,6 +145,7 @@ SPARSITY_DECODER_NORMS = ("sum", "concat")
 JUMPRELU_SPARSITIES = ("step", "tanh")
 PRE_ACT_LATENTS = ("dead", "all", "none")
 TOPK_RANKINGS = ("decoder_scaled", "pre_activation")
+L1_ARCHITECTURES = ("crosscoder", "skip_crosscoder")  # whose sparsity term is L1 weighted by decoder norms
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -159,6 +195,7 @@ def _registered(kind: str, c: Any) -> None:
 def validate_crosscoder_args(c: Any) -> None:
     """Raise a ValueError naming the fix for any inconsistent hyper-parameter (duck-typed on `c`)."""
     validate_hook_args(c)
+    validate_model_names(c)
     for name in ("hook_names_in", "hook_names_out"):
         hooks = getattr(c, name)
         if len(set(hooks)) != len(hooks):
@@ -177,13 +214,29 @@ def validate_crosscoder_args(c: Any) -> None:
     _choice("jumprelu_sparsity", c.jumprelu_sparsity, JUMPRELU_SPARSITIES)
     _choice("jumprelu_pre_act_latents", c.jumprelu_pre_act_latents, PRE_ACT_LATENTS)
     _choice("topk_ranking", c.topk_ranking, TOPK_RANKINGS)
+    _check_shared_latents(c)
+
+
+def _check_shared_latents(c: Any) -> None:
+    check_range(c, ("shared_sparsity_scale",), 0)
+    if not _is_int(c.n_shared_latents) or c.n_shared_latents < 0:
+        raise ValueError(f"n_shared_latents must be an integer >= 0; got {c.n_shared_latents!r}.")
+    if c.n_shared_latents and getattr(c, "model_names", None) is None:
+        raise ValueError("n_shared_latents ties decoder vectors across models; it needs model_names (two or "
+                         "more models). Set n_shared_latents=0 for one model.")
+    if c.d_sae is not None and c.n_shared_latents > c.d_sae:
+        raise ValueError(f"n_shared_latents={c.n_shared_latents} exceeds d_sae={c.d_sae}.")
+    if c.shared_sparsity_scale != 1 and c.architecture not in L1_ARCHITECTURES:
+        raise ValueError(f"shared_sparsity_scale scales the decoder-norm-weighted L1 term of "
+                         f"{' / '.join(L1_ARCHITECTURES)}; architecture={c.architecture!r} has none it applies to. "
+                         "Leave shared_sparsity_scale at 1.")
 
 
 class CrosscoderConfig(PretrainedConfig):
     """config.json of a crosscoder: its hyper-parameters plus where its activations came from.
 
     Hyper-parameters are those of `CrosscoderArgs` (same names and defaults). `d_in` and `d_out` are
-    derived (`d_model * len(hook_names_in|out)`); passing inconsistent values raises. Provenance fields
+    derived (`d_model * n_models * len(hook_names_in|out)`, n_models = len(model_names) or 1); passing inconsistent values raises. Provenance fields
     (`model_name`, `dataset_path`, `context_size`, `training_tokens`, the per-hook activation scales and
     whether they were folded into the weights) make config.json alone say what the model was trained on.
     """
@@ -191,6 +244,7 @@ class CrosscoderConfig(PretrainedConfig):
     model_type = "crosscoder"
     PROVENANCE = {
         "model_name": None,  # public names (naming.py): Hub ids, else a folder / file name, never a path
+        "model_names": None,  # model diffing: every model, in the order of the layer axis (model-major)
         "dataset_path": None,
         "model_is_local": None,  # the weights / data came from a local folder or file
         "dataset_is_local": None,
@@ -211,7 +265,8 @@ class CrosscoderConfig(PretrainedConfig):
         for name, given, derived in (("d_in", d_in, self.d_in), ("d_out", d_out, self.d_out)):
             if given is not None and given != derived:
                 hooks = "hook_names_in" if name == "d_in" else "hook_names_out"
-                raise ValueError(f"{name}={given} does not match d_model * len({hooks}) = {derived}; "
+                times = "d_model * len(model_names)" if self.model_names else "d_model"
+                raise ValueError(f"{name}={given} does not match {times} * len({hooks}) = {derived}; "
                                  f"drop {name} (it is derived) or fix d_model / {hooks}.")
         if self.k_aux is None:  # per group of latents: a layered structure's group writes one hook or more
             groups, hooks = (1, self.n_out) if self.layer_structure == "dense" else (self.n_in, 1)
@@ -232,11 +287,12 @@ class CrosscoderConfig(PretrainedConfig):
 
     @property
     def n_in(self) -> int:
-        return len(self.hook_names_in)
+        """Input layers: (model, hook) pairs, model-major (one model: the input hooks)."""
+        return n_models(self) * len(self.hook_names_in)
 
     @property
     def n_out(self) -> int:
-        return len(self.hook_names_out)
+        return n_models(self) * len(self.hook_names_out)
 
     @property
     def d_in(self) -> int:
@@ -277,6 +333,11 @@ class HarvestArgs(HookArgs):
 
     # --- model ---
     model_name: str = arg("EleutherAI/pythia-70m", "Hub id or local directory of the transformers model.")
+    model_names: list[str] | None = arg(None, "Model diffing: two or more models (Hub ids or local folders) "
+                                        "read on the same tokens by one crosscoder; they must share the "
+                                        "tokenizer and d_model. model_name then reads as model_names[0].")
+    model_devices: list[str] | None = arg(None, "With model_names: one device per model (e.g. cuda:0 "
+                                          "cuda:1); default: every model on the training device.")
     base_model_id: str | None = arg(None, "Hub id of the model, for the model card's base_model when "
                                     "model_name is a local folder (default: read from the folder's model card "
                                     "or config, else its folder name).")
@@ -311,6 +372,25 @@ class HarvestArgs(HookArgs):
         validate_hook_args(self)
         check_positive(self, ("context_size", "training_tokens", "store_batch_size_prompts"))
         torch_dtype(self.dtype)
+        self._resolve_model_names()
+
+    def _resolve_model_names(self) -> None:
+        """model_names given: model_name (left at its default, or equal) becomes model_names[0]."""
+        if self.model_names is None:
+            if self.model_devices is not None:
+                raise ValueError("model_devices places the models of model_names; give model_names too, or "
+                                 "use device for one model.")
+            return
+        self.model_names = list(self.model_names)
+        validate_model_names(self)
+        default = HarvestArgs.__dataclass_fields__["model_name"].default
+        if self.model_name not in (default, self.model_names[0]):
+            raise ValueError(f"model_name={self.model_name!r} and model_names={self.model_names} disagree; give "
+                             "model_names only (model_name then reads as model_names[0]).")
+        self.model_name = self.model_names[0]
+        if self.model_devices is not None and len(self.model_devices) != len(self.model_names):
+            raise ValueError(f"model_devices lists {len(self.model_devices)} devices for {len(self.model_names)} "
+                             "models; give one device per entry of model_names.")
 
 
 @dataclass
@@ -450,7 +530,7 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, OutputArgs, EvalArgs, 
         if self.d_sae is None:
             if self.expansion_factor is not None and (not _is_int(self.expansion_factor) or self.expansion_factor <= 0):
                 raise ValueError(f"expansion_factor must be a positive integer; got {self.expansion_factor!r}.")
-            self.d_sae = (self.expansion_factor or 4) * self.d_model * len(self.hook_names_in or [0])
+            self.d_sae = (self.expansion_factor or 4) * self.d_model * n_models(self) * len(self.hook_names_in or [0])
         validate_crosscoder_args(self)
         HarvestArgs.__post_init__(self)  # the model, data and harvesting fields
         self.validate_store_args()
@@ -469,6 +549,6 @@ class LanguageModelCrosscoderRunnerConfig(CrosscoderArgs, OutputArgs, EvalArgs, 
     def crosscoder_config(self, **provenance: Any) -> CrosscoderConfig:
         """The `CrosscoderConfig` this run trains (hyper-parameters copied by name, plus provenance)."""
         hyper = {name: getattr(self, name) for name in ARG_DEFAULTS}
-        source = dict(model_name=self.model_name, dataset_path=self.dataset_path, context_size=self.context_size,
-                      training_tokens=self.training_tokens)
+        source = dict(model_name=self.model_name, model_names=self.model_names, dataset_path=self.dataset_path,
+                      context_size=self.context_size, training_tokens=self.training_tokens)
         return CrosscoderConfig(**hyper, **{**source, **provenance})

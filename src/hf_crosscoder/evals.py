@@ -4,7 +4,7 @@ Reconstruction metrics are computed in normalized activation space (each hook we
 so in their keys. Explained variance is 1 - SSE/SST over all eval tokens, SST centred on the
 per-dimension mean (not a mean of per-token ratios); the overall value is sum SSE / sum SST across hooks.
 CE metrics splice one output hook at a time, in raw scale, and need a causal LM; for other models they
-are reported as "n/a".
+are reported as "n/a". A model diff splices each model with its own (model, hook) reconstructions.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .config import layer_labels
 from .hooks import forward_kwargs, splice
 from .metrics import dead_and_dense_fractions, density_log10
 from .modeling import Crosscoder
@@ -26,7 +27,7 @@ LOGITS_CHUNK_ELEMENTS = 2**25  # CE evals: prompts per LM forward so that one lo
 class _Sums:
     """Running sums that reduce to the metrics; kept as tensors so processes can all-reduce them."""
 
-    def __init__(self, n_out: int, d_model: int, d_sae: int, device) -> None:
+    def __init__(self, n_out: int, d_model: int, d_sae: int, device, n_models: int = 1) -> None:
         z = dict(device=device, dtype=torch.float64)
         self.sse = torch.zeros(n_out, **z)
         self.sum_y = torch.zeros(n_out, d_model, **z)
@@ -34,7 +35,7 @@ class _Sums:
         self.fires = torch.zeros(d_sae, **z)
         self.n = torch.zeros((), **z)
         # CE sums over predicted tokens: the clean model, and per output hook spliced / zero-ablated / KL
-        self.ce_clean = torch.zeros((), **z)
+        self.ce_clean = torch.zeros(n_models, **z)  # per model (model diffing: each its own)
         self.ce_spliced = torch.zeros(n_out, **z)
         self.ce_zero = torch.zeros(n_out, **z)
         self.kl = torch.zeros(n_out, **z)
@@ -64,27 +65,41 @@ def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None) ->
     cfg = crosscoder.config
     was_training = crosscoder.training
     crosscoder.eval()
-    sums = _Sums(cfg.n_out, cfg.d_model, cfg.d_sae, crosscoder.W_dec.device)
-    causal = is_causal_lm(store.model)
+    models = spliceable_models(store)
+    sums = _Sums(cfg.n_out, cfg.d_model, cfg.d_sae, crosscoder.W_dec.device, max(1, len(models)))
+    causal = bool(models) and all(is_causal_lm(model) for model in models)
     for tokens, acts_in, acts_out, keep in _eval_batches(store, n_batches):
         out = crosscoder(acts_in[keep], acts_out[keep])
         _accumulate_reconstruction(sums, out, acts_out[keep])
         if causal:
             recon = torch.zeros_like(acts_out)
             recon[keep] = out.reconstruction.view_as(acts_out[keep]).to(recon.dtype)
-            _accumulate_ce(sums, store, tokens, recon, keep)
+            hooks = list(cfg.hook_names_out)
+            for m, model in enumerate(models):  # each model with its own (model, hook) reconstructions
+                layers = slice(m * len(hooks), (m + 1) * len(hooks))
+                _accumulate_ce(sums, model, store.scale_out[layers], hooks, tokens, recon[:, layers], keep, m,
+                               m * len(hooks))
     if accelerator is not None and accelerator.num_processes > 1:
         for t in sums.tensors():
             t.copy_(accelerator.reduce(t, "sum"))
     crosscoder.train(was_training)
-    return _finish(sums, cfg.hook_names_out, causal)
+    return _finish(sums, layer_labels(cfg, "out"), causal, getattr(cfg, "model_names", None))
+
+
+def spliceable_models(store) -> list:
+    """The language model(s) whose hooks the CE evals splice: the store's model, or a model diff's models
+    (in model_names order); none for an activation cache."""
+    source_models = getattr(getattr(store, "source", None), "models", None)
+    if source_models:
+        return list(source_models)
+    return [store.model] if store.model is not None else []
 
 
 def _eval_batches(store, n_batches: int):
     """(tokens, acts_in, acts_out, keep) per batch. Training from an activation cache there is no model,
     so no tokens: the batches come from the store's stream (reconstruction metrics only)."""
     for _ in range(n_batches):
-        if store.model is None:
+        if not getattr(store, "serves_tokens", store.model is not None):
             acts_in, acts_out = store.next_batch()
             yield None, acts_in, acts_out, torch.ones(acts_in.shape[0], dtype=torch.bool, device=acts_in.device)
         else:
@@ -102,41 +117,49 @@ def _accumulate_reconstruction(sums: _Sums, out, y: Tensor) -> None:
     sums.n += y.shape[0]
 
 
-def _accumulate_ce(sums: _Sums, store, tokens: Tensor, recon_norm: Tensor, keep: Tensor) -> None:
-    """CE of the clean model, and with each output hook replaced by the reconstruction (raw scale) or
-    zeros; KL(clean || spliced) summed over the vocabulary. Excluded positions (BOS) keep their activation.
+def _accumulate_ce(sums: _Sums, model, scale_out: Tensor, hooks: list[str], tokens: Tensor, recon_norm: Tensor,
+                   keep: Tensor, m: int = 0, first: int = 0) -> None:
+    """CE of clean `model` (the m-th), and with each of its output `hooks` replaced by the reconstruction
+    (raw scale) or zeros; KL(clean || spliced) summed over the vocabulary, into the sums of output layers
+    first, first + 1, .... Excluded positions (BOS) keep their activation.
     Runs over groups of prompts whose logits stay under LOGITS_CHUNK_ELEMENTS: a whole batch of logits is
     [b, s, vocab] floats (0.8 GB for 32 x 128 pythia tokens, several alive at once), and the full-size
     temporaries cost more time in page faults than the LM head's arithmetic."""
     b, s = tokens.shape
-    recon = recon_norm.view(b, s, *recon_norm.shape[1:])
-    head = store.model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else store.model.config.vocab_size
+    device = next(model.parameters()).device
+    tokens, keep = tokens.to(device), keep.to(device)
+    recon = recon_norm.view(b, s, *recon_norm.shape[1:]).to(device)
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
     rows = max(1, LOGITS_CHUNK_ELEMENTS // (s * vocab))
     for i in range(0, b, rows):
-        _accumulate_ce_rows(sums, store, tokens[i:i + rows], recon[i:i + rows], keep.view(b, s)[i:i + rows])
-    sums.n_predicted += b * (s - 1)
+        _accumulate_ce_rows(sums, model, scale_out.to(device), hooks, tokens[i:i + rows], recon[i:i + rows],
+                            keep.view(b, s)[i:i + rows], m, first)
+    if m == 0:
+        sums.n_predicted += b * (s - 1)
 
 
-def _accumulate_ce_rows(sums: _Sums, store, tokens: Tensor, recon: Tensor, keep: Tensor) -> None:
-    model, keep, kwargs = store.model, keep[..., None], forward_kwargs(store.model)
+def _accumulate_ce_rows(sums: _Sums, model, scale_out: Tensor, hooks: list[str], tokens: Tensor, recon: Tensor,
+                        keep: Tensor, m: int, first: int) -> None:
+    keep, kwargs = keep[..., None], forward_kwargs(model)
     clean_logp = _next_token_logp(model(tokens, **kwargs).logits)
     clean_p = clean_logp.exp()
     targets = tokens[:, 1:, None]
-    sums.ce_clean -= clean_logp.gather(-1, targets).sum()
-    for j, hook in enumerate(store.hook_names_out):
-        raw = recon[:, :, j] / store.scale_out[j]
+    sums.ce_clean[m] -= clean_logp.gather(-1, targets).sum().to(sums.ce_clean)
+    for j, hook in enumerate(hooks):
+        raw = recon[:, :, j] / scale_out[j]
 
         def with_recon(act: Tensor, raw=raw) -> Tensor:
             return torch.where(keep, raw.to(act.dtype), act)
 
         with splice(model, {hook: with_recon}):
             spliced_logp = _next_token_logp(model(tokens, **kwargs).logits)
-        sums.ce_spliced[j] -= spliced_logp.gather(-1, targets).sum()
-        sums.kl[j] += (clean_p * (clean_logp - spliced_logp)).sum()  # KL(clean || spliced)
+        sums.ce_spliced[first + j] -= spliced_logp.gather(-1, targets).sum().to(sums.ce_spliced)
+        sums.kl[first + j] += (clean_p * (clean_logp - spliced_logp)).sum().to(sums.kl)  # KL(clean || spliced)
         del spliced_logp
         with splice(model, {hook: torch.zeros_like}):
-            sums.ce_zero[j] -= _next_token_logp(model(tokens, **kwargs).logits).gather(-1, targets).sum()
+            zero_logp = _next_token_logp(model(tokens, **kwargs).logits)
+            sums.ce_zero[first + j] -= zero_logp.gather(-1, targets).sum().to(sums.ce_zero)
 
 
 def _next_token_logp(logits: Tensor) -> Tensor:
@@ -144,7 +167,7 @@ def _next_token_logp(logits: Tensor) -> Tensor:
     return F.log_softmax(logits[:, :-1].float(), -1)
 
 
-def _finish(sums: _Sums, hooks: list[str], causal: bool) -> dict:
+def _finish(sums: _Sums, hooks: list[str], causal: bool, model_names: list[str] | None = None) -> dict:
     n = sums.n.clamp(min=1)
     sst = (sums.sum_y2 - sums.sum_y.pow(2) / n).sum(-1)  # centred on the per-dimension mean
     m: dict = {"n_eval_tokens": int(sums.n.item())}
@@ -159,15 +182,21 @@ def _finish(sums: _Sums, hooks: list[str], causal: bool) -> dict:
     m["l0"] = (sums.fires.sum() / n).item()
     m["dead_fraction"], m["dense_fraction"] = dead_and_dense_fractions(density)
     m["feature_density_log10"] = density_log10(density).float().tolist()
-    m.update(_finish_ce(sums, hooks) if causal else {"ce_loss_clean": "n/a"})
+    m.update(_finish_ce(sums, hooks, model_names) if causal else {"ce_loss_clean": "n/a"})
     return m
 
 
-def _finish_ce(sums: _Sums, hooks: list[str]) -> dict:
+def _finish_ce(sums: _Sums, hooks: list[str], model_names: list[str] | None = None) -> dict:
+    """CE metrics per output layer; for a model diff each (model, hook) against its own model's clean CE
+    (`ce_loss_clean/<model>`; `ce_loss_clean` is then their mean)."""
     n_pred = sums.n_predicted.clamp(min=1)
-    clean = (sums.ce_clean / n_pred).item()
-    m: dict = {"ce_loss_clean": clean}
+    clean_per_model = (sums.ce_clean / n_pred).tolist()
+    m: dict = {"ce_loss_clean": sum(clean_per_model) / len(clean_per_model)}
+    if model_names:
+        m.update({f"ce_loss_clean/{name}": value for name, value in zip(model_names, clean_per_model)})
+    per_model = len(hooks) // len(clean_per_model)
     for j, hook in enumerate(hooks):
+        clean = clean_per_model[j // per_model]
         spliced = (sums.ce_spliced[j] / n_pred).item()
         zero = (sums.ce_zero[j] / n_pred).item()
         m[f"ce_loss_spliced/{hook}"] = spliced

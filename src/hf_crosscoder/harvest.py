@@ -76,24 +76,37 @@ def check_hooks_before_loading(cls: Any, config: Any, hook_names: Sequence[str])
         resolve_hook(skeleton, name)
 
 
+def checked_model_config(cfg: Any, model_name: str) -> tuple[type, Any]:
+    """(model class, model config) of `model_name`, checked against `cfg.d_model` / `cfg.context_size` and
+    the hook names on a weightless copy: everything about the model that can fail before its weights load."""
+    cls = model_class(cfg.model_class_name)
+    config = AutoConfig.from_pretrained(model_name)
+    check_d_model(config, cfg.d_model, model_name)
+    check_context_size(config, cfg.context_size, model_name)
+    check_hooks_before_loading(cls, config, [*cfg.hook_names_in, *cfg.hook_names_out])
+    return cls, config
+
+
+def load_weights(cls: Any, config: Any, model_name: str, cfg: Any,
+                 device: str | torch.device | None = None) -> nn.Module:
+    """The frozen model's weights (whole, also under ZeRO-3), on `device` when given."""
+    with loading_whole():
+        model = cls.from_pretrained(model_name, config=config, dtype=torch_dtype(cfg.dtype))
+    if device is not None:
+        model.to(device)
+    return freeze(model)
+
+
 def load_model_and_tokenizer(cfg: Any, device: str | torch.device | None = None,
                              before_weights: Any = None) -> tuple[nn.Module, Any]:
     """Frozen model and tokenizer from `cfg.model_name`. The config is checked against `cfg.d_model` /
     `cfg.context_size` and the hook names against the model's modules first, and `before_weights(tokenizer)`
     (e.g. opening the dataset) runs next, so all of these fail before any weights load."""
-    cls, dtype = model_class(cfg.model_class_name), torch_dtype(cfg.dtype)
-    config = AutoConfig.from_pretrained(cfg.model_name)
-    check_d_model(config, cfg.d_model, cfg.model_name)
-    check_context_size(config, cfg.context_size, cfg.model_name)
-    check_hooks_before_loading(cls, config, [*cfg.hook_names_in, *cfg.hook_names_out])
+    cls, config = checked_model_config(cfg, cfg.model_name)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
     if before_weights is not None:
         before_weights(tokenizer)
-    with loading_whole():
-        model = cls.from_pretrained(cfg.model_name, config=config, dtype=dtype)
-    if device is not None:
-        model.to(device)
-    return freeze(model), tokenizer
+    return load_weights(cls, config, cfg.model_name, cfg, device), tokenizer
 
 
 def model_device(model: nn.Module) -> torch.device:

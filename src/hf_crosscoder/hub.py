@@ -31,7 +31,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
 from .cli import reproduce_command
-from .config import CrosscoderConfig, LanguageModelCrosscoderRunnerConfig, hook_union
+from .config import CrosscoderConfig, LanguageModelCrosscoderRunnerConfig, hook_union, layer_labels
 from .metrics import PER_HOOK_COLUMNS, SUMMARY_ROWS
 from .naming import public_dataset_name, public_model_name
 
@@ -219,7 +219,7 @@ def _metric(metrics: Mapping[str, Any], key: str) -> str:
 def _eval_section(config: Any, metrics: Mapping[str, Any] | None) -> str:
     metrics = metrics or {}
     rows = [(f"`{hook}`", *(_metric(metrics, f"{key}/{hook}") for _, key in PER_HOOK_COLUMNS))
-            for hook in config.hook_names_out]
+            for hook in layer_labels(config, "out")]
     per_hook = _table(("output hook", *(name for name, _ in PER_HOOK_COLUMNS)), rows)
     summary = _table(("metric", "value"), [(name, _metric(metrics, key)) for name, key in SUMMARY_ROWS])
     note = ("Reconstruction metrics are computed in normalized activation space (every hook weighs alike). "
@@ -227,7 +227,17 @@ def _eval_section(config: Any, metrics: Mapping[str, Any] | None) -> str:
             "'n/a': not measured (e.g. CE metrics of encoder models).")
     if not metrics:
         note = "No evaluation metrics were recorded for this crosscoder. " + note
-    return f"{per_hook}\n\n{summary}\n\n{note}"
+    return f"{per_hook}\n\n{summary}\n\n{note}{_diff_counts(metrics)}"
+
+
+def _diff_counts(metrics: Mapping[str, Any]) -> str:
+    """Model diffing: latents per class (hf_crosscoder.diffing.classify_latents), when recorded."""
+    rows = [(key.split("/", 1)[1], _metric(metrics, key)) for key in metrics if key.startswith("diff_latents/")]
+    if not rows:
+        return ""
+    note = ("A latent is 'only <model>' when that model holds more than 90% of its decoder norm (normalized "
+            "space; Anthropic's 0.1 / 0.9 relative-norm convention), else 'shared'.")
+    return "\n\n### Model diff\n\n" + _table(("latents", "count"), rows) + "\n\n" + note
 
 
 def _command(command: str | None, run_config: Mapping[str, Any] | None, config: Any) -> str:
@@ -260,6 +270,8 @@ def card_data_for(config: Any, license: str = DEFAULT_LICENSE) -> ModelCardData:
     dataset, tags, license."""
     tags = [*BASE_TAGS, config.architecture]
     model = public_model_name(config.model_name)[0] if config.model_name else None
+    if getattr(config, "model_names", None):  # model diffing: every model is a base model
+        model, tags = list(config.model_names), [*tags, "model-diffing"]
     dataset, local = public_dataset_name(config.dataset_path)
     hub_dataset = dataset if dataset and not local and not getattr(config, "dataset_is_local", False) else None
     return ModelCardData(library_name=LIBRARY_NAME, base_model=model,
@@ -280,6 +292,8 @@ def build_model_card(crosscoder: Any, metrics: Mapping[str, Any] | None = None,
     config = crosscoder.config
     hooks = ", ".join(hook_union(config.hook_names_in, config.hook_names_out))
     model = public_model_name(config.model_name)[0] if config.model_name else None
+    if getattr(config, "model_names", None):
+        model = " and ".join(config.model_names)  # model diffing: one dictionary over every model
     on_model = f" on {model}" if model else ""
     kind = crosscoder_kind(config)
     summary = (f"{_article(kind)} {kind} ({config.architecture}, {config.d_sae:,} latents) trained"

@@ -30,10 +30,11 @@ from .checkpoints import (
 )
 from .cli import print_metrics_table, reproduce_command, run_cli
 from .config import LanguageModelCrosscoderRunnerConfig
+from .diffing import LatentScaling, classify_latents, draw_diffing_plots, latent_scaling
 from .evals import evaluate, scalar_metrics
 from .hub import push_folder_to_hub, save_for_hub
 from .modeling import Crosscoder
-from .naming import public_path, public_provenance
+from .naming import public_model_names, public_path, public_provenance
 from .plots import draw_all
 from .trainer import CrosscoderTrainer, StopTraining, install_signal_handlers
 
@@ -156,13 +157,16 @@ class LanguageModelCrosscoderTrainingRunner:
         context size when training from one, named publicly (Hub ids, never machine paths)."""
         cfg, cached = self.cfg, store.provenance
         source = {"model_name": cfg.model_name, "dataset_path": cfg.dataset_path, **cached}
-        return {**cached, **public_provenance(source["model_name"], source["dataset_path"], cfg.base_model_id)}
+        names = {"model_names": public_model_names(cfg.model_names, cfg.base_model_id)}
+        return {**cached, **public_provenance(source["model_name"], source["dataset_path"], cfg.base_model_id),
+                **names}
 
     def _public_config(self, crosscoder: Crosscoder) -> LanguageModelCrosscoderRunnerConfig:
         """The run's config as the model card shows it (reproduce command, full configuration): the model
         and data by their public names, the run's own folders by their names, no resume."""
         c, cfg = crosscoder.config, self.cfg
-        return dataclasses.replace(cfg, model_name=c.model_name, dataset_path=c.dataset_path,
+        model_name = c.model_names[0] if c.model_names else c.model_name  # (model_name reads as model_names[0])
+        return dataclasses.replace(cfg, model_name=model_name, model_names=c.model_names, dataset_path=c.dataset_path,
                                    output_path=public_path(cfg.output_path),
                                    checkpoint_path=public_path(cfg.checkpoint_path),
                                    cached_activations_path=public_path(cfg.cached_activations_path),
@@ -205,17 +209,21 @@ class LanguageModelCrosscoderTrainingRunner:
         metrics["distributed_type"] = acc.distributed_type.value
         final = consolidated_crosscoder(trainer)
         final.fold_activation_norm_scaling(store.scale_in, store.scale_out)
+        scaling = None
+        if self.cfg.model_names:  # model diffing: latent classes, and Latent Scaling on fresh tokens
+            metrics.update({f"diff_latents/{k}": v for k, v in classify_latents(final).counts.items()})
+            scaling = latent_scaling(final, _raw_eval_batches(store, self.cfg.n_eval_batches))
         if acc.is_main_process:
-            self._write_outputs(final, metrics)
+            self._write_outputs(final, metrics, scaling)
         acc.wait_for_everyone()
         acc.end_training()
         return final
 
-    def _write_outputs(self, final: Crosscoder, metrics: dict) -> None:
+    def _write_outputs(self, final: Crosscoder, metrics: dict, scaling: LatentScaling | None = None) -> None:
         cfg, out = self.cfg, self.output_path
         (out / "runner_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        _draw_plots(out, final)
+        _draw_plots(out, final, scaling)
         public = self._public_config(final)
         save_for_hub(final, out, metrics=scalar_metrics(metrics), run_config=dataclasses.asdict(public),
                      command=reproduce_command(public))
@@ -247,12 +255,20 @@ def _drop_logged_steps_after(out: Path, step: int) -> None:
                 path.write_text("".join(row + "\n" for row in kept))
 
 
-def _draw_plots(out: Path, crosscoder: Crosscoder) -> None:
+def _draw_plots(out: Path, crosscoder: Crosscoder, scaling: LatentScaling | None = None) -> None:
     try:
         import matplotlib  # noqa: F401  (an extra: training output is complete without plots)
     except ImportError:
         return
     draw_all(out, crosscoder)
+    draw_diffing_plots(out, crosscoder, scaling)
+
+
+def _raw_eval_batches(store, n_batches: int):
+    """(acts_in, acts_out) of fresh tokens in raw scale (what a folded crosscoder takes), training positions."""
+    for _ in range(n_batches):
+        acts_in, acts_out, keep = store.activations_from_tokens(store.next_tokens())
+        yield acts_in[keep] / store.scale_in[:, None], acts_out[keep] / store.scale_out[:, None]
 
 
 def _progress(bar, cfg: LanguageModelCrosscoderRunnerConfig, st, metrics: dict | None) -> None:

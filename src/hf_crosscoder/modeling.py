@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from . import kernels
-from .config import CrosscoderConfig, register_config_check
+from .config import CrosscoderConfig, n_models, register_config_check
 from .kernels import GatheredPreActs, JumpReLUCore, ReLUCore, Selection, SparseDecode
 from .structures import structure_of
 
@@ -113,6 +113,8 @@ class Crosscoder(PreTrainedModel):
         self.W_dec = nn.Parameter(torch.empty(s.decoder_shape))
         self.b_dec = nn.Parameter(torch.zeros(config.n_out, config.d_model))
         self._add_parameters(config)
+        if config.n_shared_latents:
+            self.W_dec.register_hook(self._tie_shared_gradient)
         self.post_init()
 
     # ---------------------------------------------------------------- declarations
@@ -152,6 +154,9 @@ class Crosscoder(PreTrainedModel):
     def reset_parameters(self) -> None:
         c, s = self.config, self.structure
         s.init_decoder(self.W_dec, c.decoder_init_norm)
+        if c.n_shared_latents:  # every model's copy starts as the first model's
+            shared = self._shared_decoders(self.W_dec)
+            shared.copy_(shared[:, :1].clone().expand_as(shared))
         if c.hook_names_in == c.hook_names_out:
             # same layers in and out: the encoder starts as the decoder's transpose (tied init)
             s.init_encoder_from_decoder(self.W_enc, self.W_dec)
@@ -162,6 +167,27 @@ class Crosscoder(PreTrainedModel):
         self.b_enc.zero_()
         self.b_dec.zero_()
         self._reset_extra()
+
+    # ---------------------------------------------------------------- shared latents (model diffing)
+    def _shared_decoders(self, W_dec: Tensor) -> Tensor:
+        """[n_shared_latents, n_models, n_hooks_out, d_model] view of the shared latents' decoder rows."""
+        n, models = self.config.n_shared_latents, n_models(self.config)
+        return W_dec[:n].view(n, models, -1, self.config.d_model)
+
+    def _tie_shared_gradient(self, grad: Tensor) -> Tensor:
+        """Shared latents have one decoder vector per hook, kept as equal copies in every model's rows: each
+        copy gets the gradient of the one shared vector (the sum over models), so from their equal init the
+        copies take identical optimizer steps and stay equal (the fused kernels see a plain W_dec)."""
+        grad = grad.clone()
+        shared = self._shared_decoders(grad)
+        shared.copy_(shared.sum(1, keepdim=True).expand_as(shared))
+        return grad
+
+    def _penalty_norms(self, dn: Tensor) -> Tensor:
+        """The decoder norms the sparsity term weighs latents by: the shared latents' scaled by
+        `shared_sparsity_scale` (Anthropic: 0.1-0.2, so shared latents are cheaper)."""
+        n, scale = self.config.n_shared_latents, self.config.shared_sparsity_scale
+        return dn if not n or scale == 1 else torch.cat([dn[:n] * scale, dn[n:]])
 
     # ---------------------------------------------------------------- shapes
     def _as_3d(self, x: Tensor, n: int, name: str) -> Tensor:
@@ -211,8 +237,8 @@ class Crosscoder(PreTrainedModel):
         """(activations, reconstruction [B, d_out] without the skip path, {"sparsity": unscaled term, any
         other term}) of flat inputs x. ReLU: f = relu(h); sparsity = l1_coefficient * mean_b f @ dn."""
         ws = kernels.workspace(self)
-        f, recon, l1 = ReLUCore.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec.flatten(), dn,
-                                      self.structure, ws)
+        f, recon, l1 = ReLUCore.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec.flatten(),
+                                      self._penalty_norms(dn), self.structure, ws)
         enc = _Encoded(acts=f, counts=kernels.fire_counts(f.detach(), ws.get("grad_h", f)))
         return enc, recon, {"sparsity": self.config.l1_coefficient * l1 / x.shape[0]}
 

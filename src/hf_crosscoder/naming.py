@@ -94,6 +94,15 @@ def public_provenance(model_name: str, dataset_path: str | None, base_model_id: 
             "dataset_is_local": dataset_local}
 
 
+def public_model_names(model_names: list[str] | None, base_model_id: str | None = None) -> list[str] | None:
+    """Public names of a model diff's models (`base_model_id` names the first); names that would collide
+    (two local folders of one name) get their position appended, so each model keeps its own label."""
+    if not model_names:
+        return None
+    names = [public_model_name(name, base_model_id if i == 0 else None)[0] for i, name in enumerate(model_names)]
+    return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
 def public_path(path: str | None) -> str | None:
     """A run's own folder (output, checkpoints, cache) as its last component: where it is on this machine
     means nothing elsewhere."""

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .checkpoints import latest_checkpoint
+from .config import layer_labels
 from .metrics import DENSE_THRESHOLD, is_dead_log10
 from .modeling import Crosscoder
 
@@ -176,7 +177,7 @@ def _dead_latents(metrics: dict | None) -> torch.Tensor | None:
 
 
 def _draw_signature(out: Path, crosscoder, metrics: dict | None) -> list[Path]:
-    hooks = list(crosscoder.config.hook_names_out)
+    hooks = layer_labels(crosscoder.config, "out")
     if len(hooks) < 2:
         logger.info("One output hook: no cross-layer decoder profile to plot.")
         return []

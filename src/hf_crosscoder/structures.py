@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import register_config_check
+from .config import n_models, register_config_check
 
 STRUCTURES: dict[str, type[LayerStructure]] = {}
 
@@ -61,7 +61,9 @@ class LayerStructure:
 
     def __init__(self, config: Any) -> None:
         # duck-typed: a CrosscoderConfig or the runner's config (hook lists, d_model, d_sae)
-        self.n_in, self.n_out = len(config.hook_names_in), len(config.hook_names_out)
+        # model diffing: the layer axis is (model, hook) pairs, model-major
+        models = n_models(config)
+        self.n_in, self.n_out = models * len(config.hook_names_in), models * len(config.hook_names_out)
         self.d_model, self.d_sae = config.d_model, config.d_sae
         self.groups = self._groups()
 

@@ -53,6 +53,21 @@ def _resolve_model(crosscoder: nn.Module, model: nn.Module | str | None, tokeniz
     return model, tokenizer
 
 
+def _resolve_models(crosscoder: nn.Module, model: Any, tokenizer: Any) -> tuple[list[nn.Module], Any]:
+    """The model(s) the crosscoder reads: one, or for a model diff one per entry of `config.model_names`
+    (given as a list of modules / names, or by default loaded by those names), with the tokenizer."""
+    names = getattr(crosscoder.config, "model_names", None)
+    if not names:
+        one, tokenizer = _resolve_model(crosscoder, model, tokenizer)
+        return [one], tokenizer
+    given = list(names) if model is None else list(model) if isinstance(model, (list, tuple)) else [model]
+    if len(given) != len(names):
+        raise ValueError(f"this crosscoder diffs {len(names)} models ({', '.join(names)}); pass a list of "
+                         f"{len(names)} models (objects, Hub ids or folders) in that order, not {len(given)}.")
+    resolved = [_resolve_model(crosscoder, m, tokenizer) for m in given]
+    return [m for m, _ in resolved], tokenizer if tokenizer is not None else resolved[0][1]
+
+
 def _token_id_lists(tokenizer: Any, texts: Sequence[str] | None, input_ids: Any,
                     attention_mask: Any) -> list[list[int]]:
     """One list of token ids per sequence (padding removed when an attention mask is given)."""
@@ -101,19 +116,21 @@ def feature_activations(crosscoder: nn.Module, model: nn.Module | str | None = N
     """Latent activations per token: one `(tokens, acts [seq, d_sae])` per text or input_ids row.
 
     `model` is a module or a name (loaded with `load_model`; default: the crosscoder's
-    `config.model_name`). With a tokenizer, `tokens` are token strings; on the tokenizer-free path
+    `config.model_name`); for a model diff a list of them, one per `config.model_names` (default: those). With a tokenizer, `tokens` are token strings; on the tokenizer-free path
     (`input_ids=` a tensor or lists of ids, optional `attention_mask=` to drop padding) they are the ids.
     """
-    model, tokenizer = _resolve_model(crosscoder, model, tokenizer)
+    models, tokenizer = _resolve_models(crosscoder, model, tokenizer)
     rows = _token_id_lists(tokenizer, texts, input_ids, attention_mask)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    device = _model_device(model)
     results = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        ids, mask = _pad(batch, pad_id, device)
-        acts = capture_activations(model, crosscoder.config.hook_names_in, ids, attention_mask=mask)
-        x = _stacked_inputs(crosscoder, acts)
+        parts = []
+        for one in models:  # a model diff: the same tokens through every model, layers model-major
+            ids, mask = _pad(batch, pad_id, _model_device(one))
+            parts.append(_stacked_inputs(crosscoder, capture_activations(one, crosscoder.config.hook_names_in, ids,
+                                                                         attention_mask=mask)))
+        x = torch.cat(parts, dim=2)
         feats = crosscoder.encode(x.flatten(0, 1)).view(x.shape[0], x.shape[1], -1)
         for i, row in enumerate(batch):
             tokens = tokenizer.convert_ids_to_tokens(row) if tokenizer is not None else torch.tensor(row)
@@ -175,6 +192,10 @@ def spliced(crosscoder: nn.Module, model: nn.Module) -> Iterator[nn.Module]:
 
     Needs every input hook to run before the first output hook (SAEs, transcoders, causal
     crosscoders); an acausal crosscoder raises a ValueError from the forward. Undone on exit."""
+    if getattr(crosscoder.config, "model_names", None):
+        raise ValueError("spliced() runs one model, but this crosscoder's reconstruction of each model reads "
+                         "every model's inputs (model diffing); measure the splices with hf_crosscoder.evals."
+                         "evaluate (CE per model) instead.")
     splicer = _Splicer(crosscoder)
     names = hook_union(splicer.hooks_in, splicer.hooks_out)
     with splice(model, {name: splicer.fn(name) for name in names}):
