@@ -357,3 +357,56 @@ def test_export_never_replaces_a_folder_without_overwrite(tmp_path):
     export_to_circuit_tracer(cc, tmp_path / "ct", overwrite=True)  # the CLT's files go, the set's come
     assert sorted(p.name for p in (tmp_path / "ct").iterdir()) == ["config.yaml"] + [
         f"layer_{i}.safetensors" for i in range(L)]
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def _saved_run(path, tiny_model_dir, text_dataset_path, structure="per_layer", arch="topk_crosscoder",
+               hook_in="ln2.hook_normalized"):
+    from hf_crosscoder import Crosscoder, CrosscoderConfig
+
+    torch.manual_seed(0)
+    n = 4  # the tiny GPT-NeoX's layers
+    cfg = CrosscoderConfig(architecture=arch, layer_structure=structure, d_model=64, d_sae=n * 32, k=4,
+                           hook_names_in=[f"blocks.{i}.{hook_in}" for i in range(n)],
+                           hook_names_out=[f"blocks.{i}.hook_mlp_out" for i in range(n)],
+                           model_name=tiny_model_dir, dataset_path=text_dataset_path, context_size=32)
+    Crosscoder(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_cli_harvests_calibration_tokens_and_exports(tmp_path, tiny_model_dir, text_dataset_path, capsys):
+    from hf_crosscoder.circuit_tracer import main
+
+    run = _saved_run(tmp_path / "run", tiny_model_dir, text_dataset_path)
+    out = tmp_path / "ct"
+    report = main([run, "--out", str(out), "--calibration_tokens", "640", "--batch_size", "4", "--device", "cpu",
+                   "--model_name", "org/tiny-neox"])
+    assert report["activation"] == "jumprelu_rate_matched" and report["model_kind"] == "transcoder_set"
+    assert report["calibration"]["rows"] + report["held_out"]["rows"] >= 600  # BOS positions left out
+    # within 10%, not exactly: pythia's layer-0 MLP input is a function of the token alone (parallel
+    # residual), so repeated tokens tie and pass or fail a threshold together
+    assert report["calibration"]["l0_export"] == pytest.approx(report["calibration"]["l0_original"], rel=0.1)
+    assert "fvu_cost" in report["held_out"]  # the harvested outputs are the targets
+    layers, config = read_transcoder_set(out)
+    assert len(layers) == 4 and config["model_name"] == "org/tiny-neox" and "threshold" in layers[0]
+    assert yaml.safe_load((out / "config.yaml").read_text())["feature_input_hook"] == "mlp.hook_in"
+    assert '"jumprelu_rate_matched"' in capsys.readouterr().out and (out / "export_report.json").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_model_dir, text_dataset_path, capsys):
+    from hf_crosscoder.circuit_tracer import main
+
+    dense = _saved_run(tmp_path / "dense", tiny_model_dir, text_dataset_path, structure="dense", arch="crosscoder")
+    with pytest.raises(SystemExit) as err:
+        main([dense, "--out", str(tmp_path / "a")])
+    assert err.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # (progress bars)
+    assert len(errors) == 1 and errors[0].split("error: ")[1].startswith("circuit-tracer loads")
+    assert "layer_structure='dense'" in errors[0]
+    # pythia is parallel-residual: its hook_mlp_in is resid_pre, which circuit-tracer cannot hook
+    mlp_in = _saved_run(tmp_path / "mlp_in", tiny_model_dir, text_dataset_path, hook_in="hook_mlp_in")
+    with pytest.raises(SystemExit):
+        main([mlp_in, "--out", str(tmp_path / "b"), "--calibration_tokens", "64"])
+    assert "parallel-residual model" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

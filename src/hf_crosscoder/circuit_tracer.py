@@ -67,8 +67,12 @@ MLP module's output) -> "mlp.hook_out" (`ReplacementMLP.hook_out`; equal to Tran
 from __future__ import annotations
 
 import copy
+import json
+import math
 import re
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .cli import run_cli
+from .config import arg
+from .dashboard import run_settings
+from .data import TokenStream
+from .harvest import ActivationHarvester, load_model_and_tokenizer
+from .hooks import PARALLEL_FLAGS
 from .modeling import Crosscoder
 
 CLT_KIND = "cross_layer_transcoder"
@@ -421,9 +431,9 @@ def _as_rows(activations: Any, n_layers: int, d_model: int) -> tuple[Tensor, Ten
     return ins, outs
 
 
-def _batches(x: Tensor, y: Tensor | None, batch_size: int):
+def _batches(x: Tensor, y: Tensor | None, batch_size: int, device: torch.device):
     for i in range(0, x.shape[0], batch_size):
-        yield x[i:i + batch_size], None if y is None else y[i:i + batch_size]
+        yield x[i:i + batch_size].to(device), None if y is None else y[i:i + batch_size].to(device)
 
 
 @torch.no_grad()
@@ -463,13 +473,15 @@ def calibrate_thresholds(raw: Crosscoder, x: Tensor, batch_size: int = 4096) -> 
 
     Rate matching: latent s fires (value > 0) on n_s of the N rows in the original; its threshold is the
     midpoint of the n_s-th and (n_s + 1)-th largest pre-activations h_s over the rows (so exactly the
-    n_s largest pass, however h is rounded when recomputed), at least 0. So on these rows every latent fires as often as before and the
+    n_s largest pass, however h is rounded when recomputed; rows with equal h, e.g. a repeated token whose
+    activation depends on the token alone, pass or fail together), at least 0. So on these rows every latent fires as often as before and the
     L0 of every group is the original's; on other rows it matches in expectation. A latent that never
     fired gets the largest h_s seen (silent on these rows). The rows that fire are the n_s of largest h_s,
     not the top-k winners: the reconstruction changes, and `export_to_circuit_tracer` reports by how much."""
-    counts = sum((_original(raw, xb)[0] > 0).sum(0) for xb, _ in _batches(x, None, batch_size))
-    n, flat = x.shape[0], x.reshape(x.shape[0], -1).to(raw.W_enc.dtype)
-    s, out = raw.structure, torch.empty(raw.config.d_sae, dtype=raw.W_enc.dtype)
+    device = raw.W_enc.device
+    counts = sum((_original(raw, xb)[0] > 0).sum(0) for xb, _ in _batches(x, None, batch_size, device))
+    n, flat = x.shape[0], x.reshape(x.shape[0], -1).to(device=device, dtype=raw.W_enc.dtype)
+    s, out = raw.structure, torch.empty(raw.config.d_sae, dtype=raw.W_enc.dtype, device=device)
     chunk = max(1, _SCORE_ELEMENTS // n)
     for grp, W_g in zip(s.groups, s.encoder_views(raw.W_enc.detach())):
         x_g, b_g, start = flat[:, grp.inputs], raw.b_enc.detach()[grp.latents], grp.latents.start or 0
@@ -506,7 +518,7 @@ def _compare(raw: Crosscoder, layers: Sequence[dict[str, Tensor]], kind: str, x:
     L0 per group of both, FVU of the export against the original's reconstruction (and of both against y)."""
     fires, fires_ct = 0, 0
     agree, orig, ct = _FVU(), _FVU(), _FVU()
-    for xb, yb in _batches(x, y, batch_size):
+    for xb, yb in _batches(x, y, batch_size, raw.W_enc.device):
         feats, recon = _original(raw, xb)
         feats_ct, recon_ct = _exported(layers, kind, xb)
         fires, fires_ct = fires + (feats > 0).double().sum(0), fires_ct + (feats_ct > 0).double().sum(0)
@@ -535,9 +547,35 @@ def _split(x: Tensor, y: Tensor | None, holdout_fraction: float) -> tuple[tuple,
     return (x[:cut], None if y is None else y[:cut]), (x[cut:], None if y is None else y[cut:])
 
 
+def needs_activations(cc: Crosscoder) -> bool:
+    """Whether the export converts this architecture by calibrating on activations (TopK)."""
+    return cc.config.architecture in _CALIBRATED_ARCHITECTURES
+
+
+def check_exportable(cc: Crosscoder, folder: str | Path, has_activations: bool, *, model_name: str | None = None,
+                     overwrite: bool = False, parallel_residual: bool = False,
+                     n_layers: int | None = None) -> tuple[str, str, str, str]:
+    """(model kind, feature_input_hook, feature_output_hook, model_name) of the export, after every check
+    that needs no activations (structure, architecture, skip, hooks, model name, target folder)."""
+    kind = _export_kind(cc)
+    c = cc.config
+    hook_in, hook_out = circuit_tracer_hooks(c.hook_names_in, c.hook_names_out, parallel_residual, n_layers)
+    model_name = model_name or c.model_name
+    if not model_name:
+        raise ValueError("config.yaml needs the base model's name (circuit-tracer loads it to trace); the "
+                         "crosscoder's config records none: pass model_name= (--model_name), e.g. 'gpt2'.")
+    if needs_activations(cc) and not has_activations:
+        raise ValueError(f"circuit-tracer has no TopK: a {c.architecture} exports as JumpReLU with thresholds "
+                         "calibrated on activations; pass activations= (raw input rows [N, layers, d_model]) or "
+                         "use the CLI, which harvests --calibration_tokens tokens.")
+    _check_target(folder, overwrite)
+    return kind, hook_in, hook_out, model_name
+
+
 def export_to_circuit_tracer(cc: Crosscoder, folder: str | Path, *, activations: Any = None,
                              model_name: str | None = None, scan: str | None = None, overwrite: bool = False,
-                             holdout_fraction: float = 0.2, batch_size: int = 4096) -> dict[str, Any]:
+                             holdout_fraction: float = 0.2, batch_size: int = 4096, parallel_residual: bool = False,
+                             n_layers: int | None = None) -> dict[str, Any]:
     """Write a trained cross_layer crosscoder as circuit-tracer's CLT, or a per_layer one as its transcoder
     set (with W_skip for a skip_crosscoder), in raw activation scale, plus config.yaml. Returns a report.
 
@@ -553,22 +591,16 @@ def export_to_circuit_tracer(cc: Crosscoder, folder: str | Path, *, activations:
     against the original's reconstruction (and, given outputs, of both against them: `fvu_cost`), on the
     calibration rows and on the last `holdout_fraction` of the rows, which calibration does not see.
     model_name: config.yaml's model_name (circuit-tracer's default base model), default the crosscoder's.
-    Every check runs before anything is written; a non-empty folder is refused unless overwrite=True."""
-    kind = _export_kind(cc)
-    c = cc.config
-    hook_in, hook_out = circuit_tracer_hooks(c.hook_names_in, c.hook_names_out)
-    model_name = model_name or c.model_name
-    if not model_name:
-        raise ValueError("config.yaml needs the base model's name (circuit-tracer loads it to trace); the "
-                         "crosscoder's config records none: pass model_name= (--model_name), e.g. 'gpt2'.")
+    parallel_residual / n_layers: the base model's, when known (`circuit_tracer_hooks` checks the hooks
+    against them). Every check runs before anything is written; a non-empty folder is refused unless
+    overwrite=True."""
+    kind, hook_in, hook_out, model_name = check_exportable(cc, folder, activations is not None, model_name=model_name,
+                                                           overwrite=overwrite, parallel_residual=parallel_residual,
+                                                           n_layers=n_layers)
     if not 0 <= holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be in [0, 1); got {holdout_fraction}.")
+    c = cc.config
     calibrated = c.architecture in _CALIBRATED_ARCHITECTURES
-    if calibrated and activations is None:
-        raise ValueError(f"circuit-tracer has no TopK: a {c.architecture} exports as JumpReLU with thresholds "
-                         "calibrated on activations; pass activations= (raw input rows [N, layers, d_model]) or "
-                         "use the CLI, which harvests --calibration_tokens tokens.")
-    _check_target(folder, overwrite)
     raw = _raw_scale_copy(cc)
     rows = None if activations is None else _as_rows(activations, c.n_in, c.d_model)
     cal, held = (None, None) if rows is None else _split(*rows, holdout_fraction)
@@ -593,3 +625,113 @@ def export_to_circuit_tracer(cc: Crosscoder, folder: str | Path, *, activations:
     if held is not None:
         report["held_out"] = _compare(raw, layers, kind, *held, batch_size)
     return report
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+DEFAULT_CALIBRATION_TOKENS = 16_384
+REPORT_FILENAME = "export_report.json"
+
+
+@dataclass
+class CircuitTracerExportArgs:
+    """`python -m hf_crosscoder.circuit_tracer OUTPUT_DIR_OR_HUB_ID --out FOLDER`: a saved cross_layer /
+    per_layer crosscoder as files circuit-tracer loads (see export_to_circuit_tracer)."""
+
+    crosscoder: str = arg("", "A training run's output_path or the Hub id of a saved crosscoder (also the "
+                              "first positional argument).")
+    out: str = arg("", "The folder to write (config.yaml and the safetensors files; a Hub repo's layout).")
+    model_name: str | None = arg(None, "config.yaml's model_name, the model circuit-tracer traces (default: "
+                                       "the crosscoder's, e.g. gpt2).")
+    scan: str | None = arg(None, "config.yaml's scan (a feature-visualization id); circuit-tracer's Hub loader "
+                                 "replaces it by the repo id.")
+    calibration_tokens: int | None = arg(None, f"Tokens harvested from the run's model and dataset: a TopK "
+                                         f"crosscoder's JumpReLU thresholds are calibrated on them (default "
+                                         f"{DEFAULT_CALIBRATION_TOKENS}), and for any architecture the report "
+                                         "compares export and crosscoder on them (default: none; 0: never).")
+    holdout_fraction: float = arg(0.2, "Share of the harvested tokens held out of calibration to report on.")
+    dataset_path: str | None = arg(None, "Calibration data; default the run's eval_dataset_path, else its "
+                                         "dataset_path.")
+    batch_size: int = arg(8, "Sequences per model forward while harvesting.")
+    device: str | None = arg(None, "Default: cuda if available, else cpu.")
+    overwrite: bool = arg(False, "Replace the circuit-tracer files of a non-empty --out folder.")
+
+
+def _calibration_tokens(args: CircuitTracerExportArgs, cc: Crosscoder) -> int:
+    n = args.calibration_tokens
+    if n is None:
+        n = DEFAULT_CALIBRATION_TOKENS if needs_activations(cc) else 0
+    if n < 0:
+        raise ValueError(f"--calibration_tokens must be >= 0; got {n}.")
+    return n
+
+
+def _parallel_residual(model_config: Any) -> bool:
+    return any(bool(getattr(model_config, flag, False)) for flag in PARALLEL_FLAGS)
+
+
+@torch.no_grad()
+def harvest_rows(settings: Any, model: Any, tokenizer: Any, stream: TokenStream, n_tokens: int,
+                 batch_size: int) -> tuple[Tensor, Tensor]:
+    """(inputs, outputs) [N, L, d_model] raw rows of the crosscoder's hooks from about `n_tokens` tokens,
+    special-token positions left out (as in training)."""
+    hooks_in, hooks_out = list(settings.hook_names_in), list(settings.hook_names_out)
+    harvester = ActivationHarvester(model, tokenizer, hooks_in + hooks_out, settings)
+    index = {name: i for i, name in enumerate(harvester.hook_names)}
+    ins, outs, have = [], [], 0
+    while have < n_tokens:
+        try:
+            tokens = stream.next_batch(min(batch_size, math.ceil((n_tokens - have) / settings.context_size)))
+        except StopIteration:  # a dataset smaller than asked: calibrate on all of it
+            break
+        rows, _ = harvester(tokens, drop_special=True)
+        ins.append(rows[:, [index[h] for h in hooks_in]].cpu())
+        outs.append(rows[:, [index[h] for h in hooks_out]].cpu())
+        have += tokens.numel()
+    if not ins:
+        raise ValueError(f"The dataset {settings.dataset_path} gave no tokens to calibrate on; pass --dataset_path.")
+    return torch.cat(ins), torch.cat(outs)
+
+
+def export_command(args: CircuitTracerExportArgs) -> dict[str, Any]:
+    """The CLI's work: load, check, harvest if needed, export; the report is also written to the folder."""
+    if not args.crosscoder or not args.out:
+        raise ValueError("pass the crosscoder (a run's output_path or a Hub id) and --out FOLDER.")
+    cc = Crosscoder.from_pretrained(args.crosscoder)
+    n_tokens = _calibration_tokens(args, cc)
+    check_exportable(cc, args.out, n_tokens > 0, model_name=args.model_name, overwrite=args.overwrite)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    activations, extra = None, {}
+    if n_tokens > 0:
+        local = Path(args.crosscoder).is_dir()
+        settings = run_settings(args.crosscoder if local else ".", cc.config, args.dataset_path)
+        if not local:
+            settings.model_name = cc.config.model_name  # a Hub crosscoder: its own provenance only
+        if not settings.model_name:
+            raise ValueError("The crosscoder's config names no model_name to harvest calibration tokens from; "
+                             "pass --calibration_tokens 0 (not possible for TopK) or export from the run folder.")
+        streams: list[TokenStream] = []
+        model, tokenizer = load_model_and_tokenizer(settings, device, before_weights=lambda tok: streams.append(
+            TokenStream(settings, tok, process_index=0, num_processes=1, max_epochs=1)))
+        extra = {"parallel_residual": _parallel_residual(model.config), "n_layers": model.config.num_hidden_layers}
+        check_exportable(cc, args.out, True, model_name=args.model_name, overwrite=args.overwrite, **extra)
+        activations = harvest_rows(settings, model, tokenizer, streams[0], n_tokens, args.batch_size)
+        del model
+    report = export_to_circuit_tracer(cc.to(device), args.out, activations=activations, model_name=args.model_name,
+                                      scan=args.scan, overwrite=args.overwrite,
+                                      holdout_fraction=args.holdout_fraction, **extra)
+    Path(args.out, REPORT_FILENAME).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--crosscoder", *argv]  # the crosscoder as a positional argument
+    report = run_cli(CircuitTracerExportArgs, export_command, argv)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
