@@ -5,7 +5,11 @@
 In our env: builds the circuit-tracer venv if missing (its transformers pin, <= 4.57.3, clashes with
 ours; torch is installed first, $TORCH or torch==2.13.0, so pip keeps that build), writes random CLTs
 (JumpReLU, ReLU) and transcoder sets (ReLU, JumpReLU, each with and without a skip) with
-hf_crosscoder.circuit_tracer, plus inputs and our reference features and reconstructions. Then runs
+hf_crosscoder.circuit_tracer, plus inputs and our reference features and reconstructions; and tiny
+crosscoders of every exportable architecture (cross_layer and per_layer, ReLU, skip, JumpReLU, BatchTopK,
+Matryoshka, TopK), trained a few steps on normalized synthetic rows and exported by
+`export_to_circuit_tracer` (their scales folded, TopK calibrated to JumpReLU), with the crosscoder's own
+raw-scale forward as the reference (TopK: the files' math; its conversion cost is printed). Then runs
 itself with --check in that venv, which loads each folder with circuit-tracer's `load_clt` /
 `load_transcoder_set` (lazy and eager) and `load_transcoders_from_cache` (reads config.yaml), and
 compares its encode / decode / forward / attribution reconstruction with ours. Prints one JSON report;
@@ -37,6 +41,29 @@ CASES = {  # name: (kind, threshold, skip)
     "set_jumprelu_skip": ("set", True, True),
 }
 
+# trained tiny crosscoders exported by export_to_circuit_tracer: name: (layer_structure, architecture)
+EXPORTS = {
+    "export_clt_relu": ("cross_layer", "crosscoder"),
+    "export_clt_jumprelu": ("cross_layer", "jumprelu_crosscoder"),
+    "export_clt_batchtopk": ("cross_layer", "batchtopk_crosscoder"),
+    "export_clt_topk": ("cross_layer", "topk_crosscoder"),
+    "export_set_relu_skip": ("per_layer", "skip_crosscoder"),
+    "export_set_jumprelu": ("per_layer", "jumprelu_crosscoder"),
+    "export_set_matryoshka": ("per_layer", "matryoshka_batchtopk_crosscoder"),
+    "export_set_topk": ("per_layer", "topk_crosscoder"),
+}
+SCALE_IN, SCALE_OUT = [0.5, 2.0, 3.0, 1.25], [4.0, 0.25, 1.5, 0.8]  # normalization scales (unfolded)
+TRAIN_STEPS, TRAIN_BATCH, N_CALIBRATION = 30, 256, 4000
+
+
+def _case(name: str) -> tuple[str, bool, bool]:
+    """(kind, threshold, skip) of a random-tensor or an exported case."""
+    if name in CASES:
+        return CASES[name]
+    structure, arch = EXPORTS[name]
+    return ("clt" if structure == "cross_layer" else "set", arch not in ("crosscoder", "skip_crosscoder"),
+            arch == "skip_crosscoder")
+
 
 # --- our side (hf_crosscoder's env) -------------------------------------------------------------
 
@@ -65,7 +92,6 @@ def random_layers(kind: str, threshold: bool, skip: bool, seed: int) -> list[dic
 
 
 def write_cases(work: Path) -> None:
-    sys.path.insert(0, str(ROOT / "src"))
     from hf_crosscoder import circuit_tracer as ct
 
     for seed, (name, (kind, threshold, skip)) in enumerate(CASES.items()):
@@ -145,6 +171,68 @@ def check_config(cache: Path, name: str, kind: str, ref: dict) -> dict[str, floa
     return {"encode[from config.yaml]": _diff(model.encode(ref["xs"]), ref["features"])}
 
 
+def _synthetic(g: torch.Generator, n: int, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw rows (x [n, L, D], y = a fixed linear map of x plus noise): something to train on."""
+    x = torch.randn(n, L, D, generator=g) * torch.linspace(0.5, 2.0, L)[:, None]
+    y = torch.einsum("nld,lde->nle", x, mix) + 0.1 * torch.randn(n, L, D, generator=g)
+    return x, y
+
+
+def train_tiny(structure: str, arch: str, seed: int):
+    """A tiny crosscoder trained TRAIN_STEPS Adam steps on normalized synthetic rows (scales recorded,
+    not folded: the export folds them). Returns it with the synthetic map."""
+    from hf_crosscoder import Crosscoder, CrosscoderConfig
+
+    torch.manual_seed(seed)
+    cfg = CrosscoderConfig(architecture=arch, layer_structure=structure, d_model=D, d_sae=L * G, k=6,
+                           l1_coefficient=1e-3, hook_names_in=[f"blocks.{i}.ln2.hook_normalized" for i in range(L)],
+                           hook_names_out=[f"blocks.{i}.hook_mlp_out" for i in range(L)], model_name="org/tiny",
+                           activation_scale_in=SCALE_IN, activation_scale_out=SCALE_OUT)
+    cc = Crosscoder(cfg).train()
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(L, D, D, generator=g) / D ** 0.5
+    s_in, s_out = torch.tensor(SCALE_IN)[:, None], torch.tensor(SCALE_OUT)[:, None]
+    opt = torch.optim.Adam(cc.parameters(), lr=3e-3)
+    for _ in range(TRAIN_STEPS):
+        x, y = _synthetic(g, TRAIN_BATCH, mix)
+        loss = cc(x * s_in, y * s_out).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return cc.eval(), mix
+
+
+def write_exports(work: Path) -> dict:
+    """Each EXPORTS case exported into the cache folder, with our references: the crosscoder's own forward
+    in raw scale (exact cases) or, for TopK (converted to JumpReLU), the format layer's math on the files
+    (the conversion's cost is the export report's). Returns the export reports."""
+    from hf_crosscoder import circuit_tracer as ct
+
+    reports = {}
+    for seed, (name, (structure, arch)) in enumerate(EXPORTS.items()):
+        cc, mix = train_tiny(structure, arch, seed)
+        folder = work / "cache" / "org" / name
+        g = torch.Generator().manual_seed(1000 + seed)
+        calibration = _synthetic(g, N_CALIBRATION, mix)
+        reports[name] = ct.export_to_circuit_tracer(cc, folder, activations=calibration, scan=f"org/{name}",
+                                                    overwrite=True)
+        xs_rows = _synthetic(g, N_POS, mix)[0]
+        if arch == "topk_crosscoder":
+            read = ct.read_clt if structure == "cross_layer" else ct.read_transcoder_set
+            layers, xs = read(folder)[0], xs_rows.transpose(0, 1)
+            feats = torch.stack(ct.clt_encode(layers, xs))
+            recon = (ct.clt_reconstruct(layers, xs) if structure == "cross_layer" else
+                     torch.stack([ct.transcoder_reconstruct(layer, x) for layer, x in zip(layers, xs)]))
+        else:
+            with torch.no_grad():
+                out = cc(xs_rows * torch.tensor(SCALE_IN)[:, None])
+            feats = out.feature_acts.view(N_POS, L, G).transpose(0, 1)
+            recon = (out.reconstruction / torch.tensor(SCALE_OUT)[:, None]).transpose(0, 1)
+        save_file({"xs": xs_rows.transpose(0, 1).contiguous(), "features": feats.contiguous(),
+                   "reconstruction": recon.contiguous()}, str(work / f"{name}.reference.safetensors"))
+    return reports
+
+
 def check_all(work: Path, tolerance: float) -> dict:
     import circuit_tracer
     import transformers
@@ -152,7 +240,8 @@ def check_all(work: Path, tolerance: float) -> dict:
     report = {"versions": {"circuit_tracer": circuit_tracer.__version__, "torch": torch.__version__,
                            "transformers": transformers.__version__}, "tolerance": tolerance, "cases": {}}
     ok = True
-    for name, (kind, threshold, skip) in CASES.items():
+    for name in [*CASES, *EXPORTS]:
+        kind, threshold, skip = _case(name)
         ref = load_file(str(work / f"{name}.reference.safetensors"))
         folder = work / "cache" / "org" / name
         try:
@@ -184,7 +273,15 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="circuit_tracer_roundtrip_"))
     work.mkdir(parents=True, exist_ok=True)
     build_venv(args.venv)
+    sys.path.insert(0, str(ROOT / "src"))
     write_cases(work)
+    reports = write_exports(work)
+    (work / "export_reports.json").write_text(json.dumps(reports, indent=2))
+    for name, report in reports.items():
+        held = report["held_out"]
+        print(f"{name}: {report['activation']}, held-out L0 per layer {[round(v, 2) for v in held['l0_original']]}"
+              f" -> {[round(v, 2) for v in held['l0_export']]}, FVU {held['fvu_original']:.4f} -> "
+              f"{held['fvu_export']:.4f} (cost {held['fvu_cost']:+.4f})")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [str(args.venv / "bin" / "python"), __file__, "--check", "--workdir", str(work),
            "--tolerance", str(args.tolerance)]

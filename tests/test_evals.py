@@ -93,3 +93,61 @@ def test_causal_lm_detection_covers_gpt2_and_excludes_encoders():
     assert not evals.is_causal_lm(BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                        intermediate_size=32, vocab_size=32)))
     assert not evals.is_causal_lm(None)
+
+
+def _ce(logits, tokens):
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
+
+
+def test_all_output_hooks_spliced_at_once_match_a_naive_splice(tiny_model_dir, text_dataset_path):
+    """The replacement model's CE: every output hook replaced in one forward, against a hand-made splice."""
+    hooks = ["blocks.1.hook_mlp_out", "blocks.2.hook_mlp_out"]
+    cfg, cc = _setup(tiny_model_dir, text_dataset_path, hook_names_in=["blocks.1.ln2.hook_normalized",
+                     "blocks.2.ln2.hook_normalized"], hook_names_out=hooks, layer_structure="per_layer")
+    metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
+    store = ActivationsStore(cfg, device="cpu")  # same seed: the same eval batch
+    tokens = store.next_tokens()
+    acts_in, acts_out, keep = store.activations_from_tokens(tokens)
+    recon = torch.zeros_like(acts_out)
+    with torch.no_grad():
+        recon[keep] = cc(acts_in[keep]).reconstruction.view_as(acts_out[keep])
+        mask = keep.view(*tokens.shape, 1)
+        raws = [(recon[:, j] / store.scale_out[j]).view(*tokens.shape, -1) for j in range(2)]
+        with splice(store.model, {hooks[0]: lambda a: torch.where(mask, raws[0], a),
+                                  hooks[1]: lambda a: torch.where(mask, raws[1], a)}):
+            spliced = store.model(tokens).logits
+        with splice(store.model, {hooks[0]: torch.zeros_like, hooks[1]: torch.zeros_like}):
+            zero = store.model(tokens).logits
+        clean = store.model(tokens).logits
+    assert abs(metrics["ce_loss_spliced_all"] - _ce(spliced, tokens)) < 1e-4
+    assert abs(metrics["ce_loss_zero_ablated_all"] - _ce(zero, tokens)) < 1e-4
+    kl = F.kl_div(F.log_softmax(spliced[:, :-1], -1), F.log_softmax(clean[:, :-1], -1), log_target=True,
+                  reduction="sum").item() / (tokens.shape[0] * (tokens.shape[1] - 1))
+    assert abs(metrics["kl_div_all"] - kl) < 1e-4
+    # replacing both hooks is not replacing either one
+    assert metrics["kl_div_all"] > max(metrics[f"kl_div/{h}"] for h in hooks) + 1e-3
+    score = (metrics["ce_loss_zero_ablated_all"] - metrics["ce_loss_spliced_all"]) / (
+        metrics["ce_loss_zero_ablated_all"] - metrics["ce_loss_clean"])
+    assert abs(metrics["ce_loss_score_all"] - score) < 1e-9
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["identity", "zero"])
+def test_all_at_once_splice_of_an_exact_and_a_zero_reconstruction(tiny_model_dir, text_dataset_path, exact):
+    """Per-layer identity skips and no latents: the replacement model is the model (CE clean, KL 0, score
+    1); all-zero outputs: it is the zero ablation of every hook at once (score 0)."""
+    hooks = ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out", "blocks.3.hook_mlp_out"]
+    cfg, cc = _setup(tiny_model_dir, text_dataset_path, architecture="skip_crosscoder", hook_names_in=hooks,
+                     hook_names_out=hooks, layer_structure="per_layer", d_sae=3 * 16,
+                     exclude_special_tokens=False)  # every position spliced, as the zero ablation
+    with torch.no_grad():
+        cc.W_dec.zero_()
+        cc.b_enc.fill_(-1e6)  # no latent fires
+        cc.W_skip.copy_(torch.eye(cfg.d_model).expand(3, -1, -1) if exact else torch.zeros_like(cc.W_skip))
+    metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
+    if exact:
+        assert abs(metrics["ce_loss_spliced_all"] - metrics["ce_loss_clean"]) < 1e-5
+        assert metrics["kl_div_all"] < 1e-6 and abs(metrics["ce_loss_score_all"] - 1) < 1e-5
+    else:
+        assert abs(metrics["ce_loss_spliced_all"] - metrics["ce_loss_zero_ablated_all"]) < 1e-6
+        assert abs(metrics["ce_loss_score_all"]) < 1e-5
+    assert abs(metrics["ce_loss_zero_ablated_all"] - metrics["ce_loss_clean"]) > 1e-3  # ablating all matters

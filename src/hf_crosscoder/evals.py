@@ -5,6 +5,9 @@ so in their keys. Explained variance is 1 - SSE/SST over all eval tokens, SST ce
 per-dimension mean (not a mean of per-token ratios); the overall value is sum SSE / sum SST across hooks.
 CE metrics splice one output hook at a time, in raw scale, and need a causal LM; for other models they
 are reported as "n/a". A model diff splices each model with its own (model, hook) reconstructions.
+With several output hooks (one model) they also splice every output hook at once in one forward (`*_all`
+keys: the "replacement model" score of a set of transcoders or a CLT; the reconstructions are those of the
+clean activations, not recomputed from the spliced forward's inputs).
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ class _Sums:
         self.ce_spliced = torch.zeros(n_out, **z)
         self.ce_zero = torch.zeros(n_out, **z)
         self.kl = torch.zeros(n_out, **z)
+        # every output hook replaced at once (with several output hooks)
+        self.ce_spliced_all, self.ce_zero_all, self.kl_all = (torch.zeros((), **z) for _ in range(3))
         self.n_predicted = torch.zeros((), **z)
 
     def tensors(self) -> list[Tensor]:
         return [self.sse, self.sum_y, self.sum_y2, self.fires, self.n, self.ce_clean, self.ce_spliced,
-                self.ce_zero, self.kl, self.n_predicted]
+                self.ce_zero, self.kl, self.ce_spliced_all, self.ce_zero_all, self.kl_all, self.n_predicted]
 
 
 def is_causal_lm(model) -> bool:
@@ -160,6 +165,27 @@ def _accumulate_ce_rows(sums: _Sums, model, scale_out: Tensor, hooks: list[str],
         with splice(model, {hook: torch.zeros_like}):
             zero_logp = _next_token_logp(model(tokens, **kwargs).logits)
             sums.ce_zero[first + j] -= zero_logp.gather(-1, targets).sum().to(sums.ce_zero)
+    if len(hooks) > 1 and sums.ce_clean.numel() == 1:
+        _accumulate_ce_all(sums, model, scale_out, hooks, tokens, recon, keep, clean_logp, clean_p)
+
+
+def _accumulate_ce_all(sums: _Sums, model, scale_out: Tensor, hooks: list[str], tokens: Tensor, recon: Tensor,
+                       keep: Tensor, clean_logp: Tensor, clean_p: Tensor) -> None:
+    """CE and KL with every output hook replaced by its reconstruction in one forward, and with every
+    output hook zeroed (the replacement model's score: how much of the zero-ablation gap it closes)."""
+    kwargs, targets = forward_kwargs(model), tokens[:, 1:, None]
+    replacements = {}
+    for j, hook in enumerate(hooks):
+        raw = recon[:, :, j] / scale_out[j]
+        replacements[hook] = lambda act, raw=raw: torch.where(keep, raw.to(act.dtype), act)
+    with splice(model, replacements):
+        spliced_logp = _next_token_logp(model(tokens, **kwargs).logits)
+    sums.ce_spliced_all -= spliced_logp.gather(-1, targets).sum().to(sums.ce_spliced_all)
+    sums.kl_all += (clean_p * (clean_logp - spliced_logp)).sum().to(sums.kl_all)
+    del spliced_logp
+    with splice(model, dict.fromkeys(hooks, torch.zeros_like)):
+        zero_logp = _next_token_logp(model(tokens, **kwargs).logits)
+        sums.ce_zero_all -= zero_logp.gather(-1, targets).sum().to(sums.ce_zero_all)
 
 
 def _next_token_logp(logits: Tensor) -> Tensor:
@@ -183,6 +209,8 @@ def _finish(sums: _Sums, hooks: list[str], causal: bool, model_names: list[str] 
     m["dead_fraction"], m["dense_fraction"] = dead_and_dense_fractions(density)
     m["feature_density_log10"] = density_log10(density).float().tolist()
     m.update(_finish_ce(sums, hooks, model_names) if causal else {"ce_loss_clean": "n/a"})
+    if causal and len(hooks) > 1 and not model_names:
+        m.update(_finish_ce_all(sums, m["ce_loss_clean"]))
     return m
 
 
@@ -205,6 +233,15 @@ def _finish_ce(sums: _Sums, hooks: list[str], model_names: list[str] | None = No
         m[f"ce_loss_score/{hook}"] = (zero - spliced) / gap if abs(gap) > 1e-12 else math.nan
         m[f"kl_div/{hook}"] = (sums.kl[j] / n_pred).item()
     return m
+
+
+def _finish_ce_all(sums: _Sums, clean: float) -> dict:
+    n_pred = sums.n_predicted.clamp(min=1)
+    spliced, zero = (sums.ce_spliced_all / n_pred).item(), (sums.ce_zero_all / n_pred).item()
+    gap = zero - clean
+    return {"ce_loss_spliced_all": spliced, "ce_loss_zero_ablated_all": zero,
+            "ce_loss_score_all": (zero - spliced) / gap if abs(gap) > 1e-12 else math.nan,
+            "kl_div_all": (sums.kl_all / n_pred).item()}
 
 
 def scalar_metrics(metrics: dict) -> dict:

@@ -29,6 +29,11 @@ SUMMARY_ROWS = (
     ("dead fraction", "dead_fraction"),
     (f"dense fraction (fires on > {DENSE_THRESHOLD:.0%} of tokens)", "dense_fraction"),
     ("CE loss clean", "ce_loss_clean"),
+    # every output hook spliced at once (several output hooks: a transcoder set's / CLT's replacement model)
+    ("CE loss, all output hooks spliced at once", "ce_loss_spliced_all"),
+    ("CE loss, all output hooks zero-ablated at once", "ce_loss_zero_ablated_all"),
+    ("CE loss score, all output hooks at once", "ce_loss_score_all"),
+    ("KL div (clean vs all output hooks spliced)", "kl_div_all"),
 )
 
 
