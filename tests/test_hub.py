@@ -220,6 +220,18 @@ def test_card_without_metrics_and_local_model(tmp_path):
     assert "| k | 4 |" in card.text and "inference threshold" in card.text
 
 
+def test_card_of_a_clt_says_what_each_group_reads_and_writes():
+    hooks_in = [f"blocks.{i}.ln2.hook_normalized" for i in range(3)]
+    hooks_out = [f"blocks.{i}.hook_mlp_out" for i in range(3)]
+    cc = tiny(14, hook_names_in=hooks_in, hook_names_out=hooks_out, d_sae=12, layer_structure="cross_layer")
+    text = build_model_card(cc).text
+    assert "| group | latents | reads | writes |" in text
+    assert "| 0 | 0-3 | `blocks.0.ln2.hook_normalized` | `blocks.0.hook_mlp_out`, `blocks.1.hook_mlp_out`, " \
+           "`blocks.2.hook_mlp_out` |" in text
+    assert "| 2 | 8-11 | `blocks.2.ln2.hook_normalized` | `blocks.2.hook_mlp_out` |" in text
+    assert "| group |" not in build_model_card(tiny(15)).text  # dense: one group, no table
+
+
 def test_save_for_hub_writes_folder_and_refuses_unfolded(tmp_path):
     cc = tiny(13)
     (tmp_path / "plot_a.png").write_bytes(b"png")

@@ -13,12 +13,14 @@ from hf_crosscoder.plots import (
     DENSITY_FILE,
     SIGNATURE_FILE,
     SPAN_FILE,
+    TARGET_SHARE_FILE,
     decoder_norm_shares,
     draw_all,
     layer_span,
     main,
     read_training_log,
     signature_order,
+    target_shares_by_group,
 )
 
 pytest.importorskip("matplotlib")
@@ -67,3 +69,33 @@ def test_missing_files_are_skipped_with_a_message(tmp_path, capsys):
     assert "Nothing to plot yet" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a directory"):
         main([str(tmp_path / "missing")])
+
+
+def _clt(d_sae: int = 6) -> Crosscoder:
+    torch.manual_seed(0)
+    mlp_in = [f"blocks.{i}.ln2.hook_normalized" for i in range(3)]
+    mlp_out = [f"blocks.{i}.hook_mlp_out" for i in range(3)]
+    return Crosscoder(CrosscoderConfig(d_model=4, hook_names_in=mlp_in, hook_names_out=mlp_out, d_sae=d_sae,
+                                       layer_structure="cross_layer"))
+
+
+def test_clt_target_shares_per_source_layer_against_a_loop():
+    cc = _clt()
+    alive = torch.tensor([True, False, True, True, True, True])
+    got = target_shares_by_group(cc, alive)
+    # naive: group i = latents [2i, 2i + 2); per latent the norm of its decoder block per target layer
+    norms = cc.decoder_norms_per_layer().detach()
+    want = torch.zeros(3, 3)
+    for i in range(3):
+        rows = [s for s in (2 * i, 2 * i + 1) if alive[s]]
+        for s in rows:
+            want[i] += norms[s] / norms[s].sum() / len(rows)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got.tril(-1), torch.zeros(3, 3))  # a CLT's group i writes layers i.. only
+    torch.testing.assert_close(got.sum(1), torch.ones(3))
+
+
+def test_clt_folder_gets_the_target_share_plot(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"feature_density_log10": [-10.0, -2, -1.5, -3, -0.5, -1]}))
+    written = {p.name for p in draw_all(tmp_path, _clt())}
+    assert written == {DENSITY_FILE, SIGNATURE_FILE, SPAN_FILE, TARGET_SHARE_FILE}

@@ -163,6 +163,23 @@ def _hooks_table(config: Any) -> str:
     return intro + _table(("hook", "layer", "role", "read (input)", "written (output)"), rows)
 
 
+def _groups_table(crosscoder: Any) -> str:
+    """For a structured crosscoder (CLT, per-layer set): which hooks each latent group reads and writes."""
+    structure = getattr(crosscoder, "structure", None)
+    if structure is None or len(structure.groups) < 2:
+        return ""
+    c = crosscoder.config
+    labels_in, labels_out = layer_labels(c, "in"), layer_labels(c, "out")
+    rows = []
+    for i, g in enumerate(structure.groups):
+        start, stop, _ = g.latents.indices(c.d_sae)
+        rows.append((i, f"{start:,}-{stop - 1:,}", ", ".join(f"`{labels_in[j]}`" for j in g.hooks_in),
+                     ", ".join(f"`{labels_out[j]}`" for j in g.hooks_out)))
+    intro = (f"\n\nLayer structure `{c.layer_structure}`: {len(rows)} groups of latents, each reading and "
+             "writing only these hooks.\n\n")
+    return intro + _table(("group", "latents", "reads", "writes"), rows)
+
+
 def _hyper_rows(crosscoder: Any) -> list[tuple[str, str]]:
     c = crosscoder.config
     rows = [("architecture", f"`{c.architecture}`"), ("layer structure", f"`{c.layer_structure}`"),
@@ -301,7 +318,7 @@ def build_model_card(crosscoder: Any, metrics: Mapping[str, Any] | None = None,
                f"Hooks: {hooks}.")
     return ModelCard.from_template(
         card_data_for(config, license), template_str=CARD_TEMPLATE,
-        title=f"{config.architecture}{on_model}", summary=summary, hooks_table=_hooks_table(config),
+        title=f"{config.architecture}{on_model}", summary=summary, hooks_table=_hooks_table(config) + _groups_table(crosscoder),
         hyper_table=_hyper_table(crosscoder), training_table=_training_table(config, run_config),
         eval_section=_eval_section(config, metrics), command=_command(command, run_config, config),
         usage=_usage(config, repo_id, subfolder), plots=list(plots or []))

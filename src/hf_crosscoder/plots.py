@@ -5,6 +5,8 @@
   layer, in normalized space, latents sorted by their main layer.
 - `layer_span.png`: how many output layers each latent spans (share > `SPAN_THRESHOLD` of its total).
 - `training_curves.png`: loss, L0 and FVU per output hook vs step (`training_log.jsonl`).
+- `target_layer_share.png` (cross-layer transcoders): per source layer (latent group), the mean share of
+  its latents' decoder norm that goes to each target (output) layer.
 
 `draw_all(output_dir)` is what the runner calls at the end of training; `python -m hf_crosscoder.plots
 OUTPUT_DIR` redraws them for a finished run, or for a running one from its latest checkpoint.
@@ -31,8 +33,9 @@ from .modeling import Crosscoder
 logger = logging.getLogger(__name__)
 
 SPAN_THRESHOLD = 0.1  # a latent "uses" a layer when that layer holds > 10% of its decoder norm
-DENSITY_FILE, SIGNATURE_FILE, SPAN_FILE, CURVES_FILE = (
-    "feature_density.png", "decoder_norm_share.png", "layer_span.png", "training_curves.png")
+DENSITY_FILE, SIGNATURE_FILE, SPAN_FILE, CURVES_FILE, TARGET_SHARE_FILE = (
+    "feature_density.png", "decoder_norm_share.png", "layer_span.png", "training_curves.png",
+    "target_layer_share.png")
 
 
 def _figure(n_cols: int = 1, width: float = 6.0, height: float = 4.0):
@@ -108,6 +111,20 @@ def layer_span(shares: torch.Tensor, threshold: float = SPAN_THRESHOLD) -> torch
     return (shares > threshold).sum(dim=1)
 
 
+def target_shares_by_group(crosscoder, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """[n_groups, n_out]: per latent group (a CLT's source layer), the mean decoder-norm share its (alive)
+    latents give each output layer; a group's row sums to 1 (0 for a group with no alive latent)."""
+    shares = decoder_norm_shares(crosscoder).cpu()
+    keep = torch.ones(len(shares), dtype=torch.bool) if alive is None else alive.cpu()
+    rows = []
+    for group in crosscoder.structure.groups:
+        mask = torch.zeros(len(shares), dtype=torch.bool)
+        mask[group.latents] = True
+        mask &= keep
+        rows.append(shares[mask].mean(0) if mask.any() else torch.zeros(shares.shape[1]))
+    return torch.stack(rows)
+
+
 # ---------------------------------------------------------------- plots
 def plot_feature_density(density_log10: list[float], path: Path) -> Path:
     """Histogram of log10 firing frequency of the latents that fired; dead ones are counted in the title."""
@@ -151,6 +168,19 @@ def plot_layer_span(shares: torch.Tensor, path: Path, threshold: float = SPAN_TH
     return _save(fig, path)
 
 
+def plot_target_shares(matrix: torch.Tensor, hooks_in: list[str], hooks_out: list[str], path: Path) -> Path:
+    """Heatmap [source layer x target layer] of `target_shares_by_group` (upper triangle for a CLT)."""
+    fig, (ax,) = _figure(width=max(5.0, 1.5 + 0.7 * len(hooks_out)), height=max(4.0, 1.0 + 0.5 * len(hooks_in)))
+    image = ax.imshow(matrix.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
+    ax.set_xticks(range(len(hooks_out)), hooks_out, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(hooks_in)), hooks_in, fontsize=8)
+    ax.set_xlabel("target (output) layer")
+    ax.set_ylabel("source layer (latent group)")
+    ax.set_title("Decoder-norm share by target layer, mean over each group's latents", fontsize=10)
+    fig.colorbar(image, ax=ax, label="mean share of a latent's decoder norm")
+    return _save(fig, path)
+
+
 def plot_training_curves(rows: list[dict], path: Path) -> Path:
     """Loss (log scale), L0 and FVU per output hook against the training step."""
     steps = [r["step"] for r in rows]
@@ -181,12 +211,18 @@ def _draw_signature(out: Path, crosscoder, metrics: dict | None) -> list[Path]:
     if len(hooks) < 2:
         logger.info("One output hook: no cross-layer decoder profile to plot.")
         return []
-    shares = decoder_norm_shares(crosscoder).cpu()
-    dead, note = _dead_latents(metrics), ""
+    shares, dead, note = decoder_norm_shares(crosscoder).cpu(), _dead_latents(metrics), ""
+    alive = None
     if dead is not None and len(dead) == len(shares) and 0 < int(dead.sum()) < len(shares):
         # dead latents keep their random initial decoder (equal shares) and would blur the picture
-        shares, note = shares[~dead], f"alive latents only ({int(dead.sum())} dead in the final eval left out)"
-    return [plot_signature(shares, hooks, out / SIGNATURE_FILE, note), plot_layer_span(shares, out / SPAN_FILE)]
+        alive, note = ~dead, f"alive latents only ({int(dead.sum())} dead in the final eval left out)"
+    kept = shares if alive is None else shares[alive]
+    written = [plot_signature(kept, hooks, out / SIGNATURE_FILE, note), plot_layer_span(kept, out / SPAN_FILE)]
+    if crosscoder.config.layer_structure == "cross_layer":
+        matrix = target_shares_by_group(crosscoder, alive)
+        written.append(plot_target_shares(matrix, layer_labels(crosscoder.config, "in"), hooks,
+                                          out / TARGET_SHARE_FILE))
+    return written
 
 
 def draw_all(output_dir: str | Path, crosscoder: Any = None) -> list[Path]:
