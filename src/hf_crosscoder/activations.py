@@ -271,6 +271,19 @@ class ActivationsStore:
         self._require_model("next_tokens()")
         return self.source.next_tokens()
 
+    def reset_eval_tokens(self) -> None:
+        """Start the eval split over: every evaluation reads the same held-out rows."""
+        reset = getattr(self.source, "reset_eval_tokens", None)
+        if reset is not None:
+            reset()
+
+    def next_eval_tokens(self) -> Tensor:
+        """The next `store_batch_size_prompts` rows of the eval split (held out from training: data.py,
+        train_and_eval_streams), or of the training stream when nothing is held out."""
+        self._require_model("next_eval_tokens()")
+        eval_tokens = getattr(self.source, "next_eval_tokens", None)
+        return eval_tokens() if eval_tokens is not None else self.source.next_tokens()
+
     def activations_from_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(acts_in [b*s, n_in, d], acts_out [b*s, n_out, d], keep [b*s] bool), normalized, on the
         store's device; `keep` marks the positions training uses (special tokens excluded if asked)."""

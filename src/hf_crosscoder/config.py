@@ -391,10 +391,20 @@ class TrainerArgs:
 class EvalArgs:
     """Evaluation during and after training."""
 
-    n_eval_batches: int = arg(10, "Harvest batches per eval.")
+    n_eval_batches: int = arg(10, "Harvest batches per eval (store_batch_size_prompts sequences each).")
+    eval_dataset_path: str | None = arg(None, "A separate dataset to evaluate on (same forms as dataset_path); "
+                                        "default: a held-out slice of dataset_path (eval_holdout_sequences).")
+    eval_dataset_split: str | None = arg(None, "Split of eval_dataset_path (default dataset_split), e.g. "
+                                         "validation.")
+    eval_holdout_sequences: int | None = arg(None, "Without eval_dataset_path: sequences per process held out "
+                                             "from the start of dataset_path for evaluation, never trained on "
+                                             "(default n_eval_batches * store_batch_size_prompts; 0: evaluate "
+                                             "on the training stream).")
 
     def validate_eval_args(self) -> None:
         check_positive(self, ("n_eval_batches",))
+        if self.eval_holdout_sequences is not None:
+            check_range(self, ("eval_holdout_sequences",), 0)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from .config import torch_dtype
-from .data import TokenStream, special_token_mask
+from .data import special_token_mask, train_and_eval_streams
 from .hooks import capture_activations, check_d_model, find_layers, resolve_hook
 
 
@@ -171,7 +171,7 @@ class LMActivationSource:
 
     def __init__(self, cfg: Any, hook_names: Sequence[str], model: nn.Module | None = None, tokenizer: Any = None,
                  device: str | torch.device | None = None) -> None:
-        self.cfg, self.hook_names, self.tokens = cfg, list(hook_names), None
+        self.cfg, self.hook_names, self.tokens, self.eval_tokens = cfg, list(hook_names), None, None
         if model is None:
             model, tokenizer = load_model_and_tokenizer(cfg, device, before_weights=self._open_tokens)
         elif tokenizer is None:
@@ -187,7 +187,8 @@ class LMActivationSource:
 
     def _open_tokens(self, tokenizer: Any) -> None:
         state = PartialState()
-        self.tokens = TokenStream(self.cfg, tokenizer, state.process_index, state.num_processes)
+        self.tokens, self.eval_tokens = train_and_eval_streams(self.cfg, tokenizer, state.process_index,
+                                                               state.num_processes)
 
     def next_chunk(self) -> tuple[Tensor, Tensor]:
         """(rows [m, n_hooks, d_model] float32 raw, special-token mask [m]) of the next harvest."""
@@ -196,6 +197,15 @@ class LMActivationSource:
     def next_tokens(self) -> Tensor:
         """The next `store_batch_size_prompts` packed rows [n, context_size] on the model's device."""
         return self.tokens.next_batch(self.cfg.store_batch_size_prompts).to(self.harvester.device)
+
+    def next_eval_tokens(self) -> Tensor:
+        """The next rows of the held-out eval split (the training stream's when nothing is held out)."""
+        stream = self.eval_tokens if self.eval_tokens is not None else self.tokens
+        return stream.next_batch(self.cfg.store_batch_size_prompts).to(self.harvester.device)
+
+    def reset_eval_tokens(self) -> None:
+        if self.eval_tokens is not None:
+            self.eval_tokens = self.eval_tokens.restricted(self.eval_tokens.start_doc, self.eval_tokens.end_doc)
 
     def mean_norms(self) -> Tensor | None:
         return None  # estimated by the store from the first chunks

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .activations import ActivationsStore
@@ -30,8 +31,9 @@ from .checkpoints import (
 )
 from .cli import print_metrics_table, reproduce_command, run_cli
 from .config import LanguageModelCrosscoderRunnerConfig
-from .evals import evaluate, scalar_metrics
+from .evals import evaluate, feature_stats, json_metrics, scalar_metrics
 from .hub import push_folder_to_hub, save_for_hub
+from .metrics import FEATURE_STATS_FILE, density_log10
 from .modeling import Crosscoder
 from .naming import public_path, public_provenance
 from .plots import draw_all
@@ -192,15 +194,17 @@ class LanguageModelCrosscoderTrainingRunner:
         if self.cfg.log_to_wandb:
             acc.log(_for_wandb(metrics), step=step)
 
-    def _eval(self, trainer: CrosscoderTrainer, store, step: int) -> dict:
-        metrics = evaluate(trainer.crosscoder, store, self.cfg.n_eval_batches, trainer.accelerator)
+    def _eval(self, trainer: CrosscoderTrainer, store, step: int, final: bool = False) -> dict:
+        # the weight-based max-cosine searches (O(d_sae^2 d)) only in the final evaluation
+        metrics = evaluate(trainer.crosscoder, store, self.cfg.n_eval_batches, trainer.accelerator,
+                           weight_metrics=final)
         self._log(trainer.accelerator, step, {f"eval/{k}": v for k, v in metrics.items()}, "eval_log.jsonl")
         return metrics
 
     # ------------------------------------------------------------------ final output
     def _finish(self, trainer: CrosscoderTrainer, store) -> Crosscoder:
         acc = trainer.accelerator
-        metrics = self._eval(trainer, store, trainer.state.step)
+        metrics = self._eval(trainer, store, trainer.state.step, final=True)
         metrics["num_processes"] = acc.num_processes
         metrics["distributed_type"] = acc.distributed_type.value
         final = consolidated_crosscoder(trainer)
@@ -214,7 +218,9 @@ class LanguageModelCrosscoderTrainingRunner:
     def _write_outputs(self, final: Crosscoder, metrics: dict) -> None:
         cfg, out = self.cfg, self.output_path
         (out / "runner_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        # numbers or null in metrics.json; the per-latent statistics in feature_stats.safetensors
+        (out / "metrics.json").write_text(json.dumps(json_metrics(metrics), indent=1))
+        save_file(feature_stats(metrics), str(out / FEATURE_STATS_FILE))
         _draw_plots(out, final)
         public = self._public_config(final)
         save_for_hub(final, out, metrics=scalar_metrics(metrics), run_config=dataclasses.asdict(public),
@@ -266,10 +272,10 @@ def _progress(bar, cfg: LanguageModelCrosscoderRunnerConfig, st, metrics: dict |
 def _for_wandb(metrics: dict) -> dict:
     out = scalar_metrics(metrics)
     for key, value in metrics.items():
-        if key.endswith("feature_density_log10"):
+        if key.endswith("feature_density"):
             import wandb
 
-            out[key] = wandb.Histogram(value)
+            out[key + "_log10"] = wandb.Histogram(density_log10(value).tolist())
     return out
 
 
