@@ -67,6 +67,15 @@ def test_folded_model_on_raw_equals_training_model_on_normalized(tiny_model_dir,
     torch.testing.assert_close(folded(x).reconstruction, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_dashboard_true_writes_the_feature_browser(tiny_model_dir, text_dataset_path, tmp_path):
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "d"),
+                             training_tokens=64 * 4, dashboard=True, dashboard_tokens=256)
+    LanguageModelCrosscoderTrainingRunner(cfg).run()
+    site = tmp_path / "d" / "dashboard"
+    assert (site / "index.html").is_file() and (site / "data.js").stat().st_size > 0
+    assert make_runner_config(tiny_model_dir, text_dataset_path).dashboard is False  # off by default
+
+
 def test_resume_equals_uninterrupted(tiny_model_dir, text_dataset_path, tmp_path):
     common = dict(architecture="topk_crosscoder", k=8, training_tokens=64 * 16, n_checkpoints=1,
                   wandb_log_frequency=4, eval_every_n_wandb_logs=2)

@@ -425,9 +425,13 @@ class OutputArgs:
     push_to_hub: bool = arg(False, "Publish to hf_repo_id.")
     hub_private: bool = arg(False, "Create the hub repo private.")
     hub_strategy: str = arg("end", "'end': publish once at the end; 'checkpoint': also every checkpoint.")
+    dashboard: bool = arg(False, "At the end, write the feature browser OUTPUT_PATH/dashboard/index.html "
+                          "(as python -m hf_crosscoder.dashboard OUTPUT_PATH).")
+    dashboard_tokens: int = arg(20_000, "Eval tokens the --dashboard browser reads for top contexts.")
 
     def validate_output_args(self) -> None:
         check_range(self, ("n_checkpoints",), 0)
+        check_positive(self, ("dashboard_tokens",))
         resume = self.resume_from_checkpoint
         if resume is not None and not isinstance(resume, (str, bool, os.PathLike)):
             raise ValueError(f"resume_from_checkpoint={resume!r} must be True/False, 'latest' or a checkpoint path.")

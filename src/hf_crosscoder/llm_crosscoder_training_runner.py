@@ -31,6 +31,7 @@ from .checkpoints import (
 )
 from .cli import print_metrics_table, reproduce_command, run_cli
 from .config import LanguageModelCrosscoderRunnerConfig
+from .dashboard import make_dashboard
 from .evals import evaluate, feature_stats, json_metrics, scalar_metrics
 from .hub import push_folder_to_hub, save_for_hub
 from .metrics import FEATURE_STATS_FILE, density_log10
@@ -210,12 +211,12 @@ class LanguageModelCrosscoderTrainingRunner:
         final = consolidated_crosscoder(trainer)
         final.fold_activation_norm_scaling(store.scale_in, store.scale_out)
         if acc.is_main_process:
-            self._write_outputs(final, metrics)
+            self._write_outputs(final, metrics, store)
         acc.wait_for_everyone()
         acc.end_training()
         return final
 
-    def _write_outputs(self, final: Crosscoder, metrics: dict) -> None:
+    def _write_outputs(self, final: Crosscoder, metrics: dict, store) -> None:
         cfg, out = self.cfg, self.output_path
         (out / "runner_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         # numbers or null in metrics.json; the per-latent statistics in feature_stats.safetensors
@@ -225,6 +226,9 @@ class LanguageModelCrosscoderTrainingRunner:
         public = self._public_config(final)
         save_for_hub(final, out, metrics=scalar_metrics(metrics), run_config=dataclasses.asdict(public),
                      command=reproduce_command(public))
+        if cfg.dashboard:  # the saved (folded) crosscoder on the frozen model already loaded
+            make_dashboard(out, crosscoder=final, model=store.model, tokenizer=store.tokenizer,
+                           n_tokens=cfg.dashboard_tokens, device=str(final.W_dec.device))
         if cfg.push_to_hub:
             push_folder_to_hub(out, cfg.hf_repo_id, private=cfg.hub_private)
 
