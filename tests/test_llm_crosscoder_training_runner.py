@@ -39,6 +39,7 @@ def test_trains_evaluates_saves_and_reloads(arch, tiny_model_dir, text_dataset_p
         assert metrics[f"kl_div_with_sae/{hook}"] >= 0
     assert metrics["l0"] > 0 and 0 < metrics["frac_alive"] <= 1
     # metrics.json: numbers or null only; per-latent statistics in feature_stats.safetensors
+    assert metrics.pop("distributed_type") == "NO"  # the one descriptor of the run (accelerate's name)
     assert all(v is None or isinstance(v, (int, float)) for v in metrics.values())
     stats = load_file(out / "feature_stats.safetensors")
     assert stats["feature_density"].shape == (cfg.d_sae,) and stats["max_decoder_cosine_sim"].shape == (cfg.d_sae,)

@@ -52,6 +52,18 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' 'Loading weights' bar off for one internal load (the caller's setting comes back)."""
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
+
+
+@contextmanager
 def loading_whole() -> Iterator[None]:
     """Load models unpartitioned under a DeepSpeed ZeRO-3 launch. While one is active, transformers builds
     every `from_pretrained` model inside `deepspeed.zero.Init` (parameters sharded, empty locally), but
@@ -89,7 +101,7 @@ def load_model_and_tokenizer(cfg: Any, device: str | torch.device | None = None,
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
     if before_weights is not None:
         before_weights(tokenizer)
-    with loading_whole():
+    with loading_whole(), no_progress_bars():
         model = cls.from_pretrained(cfg.model_name, config=config, dtype=dtype)
     if device is not None:
         model.to(device)
