@@ -296,3 +296,21 @@ def test_resume_true_continues_an_interrupted_run_in_place(how, tiny_model_dir, 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_progress_bar_averages_over_the_run_and_shows_harvest_and_train_rates(monkeypatch):
+    from types import SimpleNamespace
+
+    from tqdm.auto import tqdm
+
+    from hf_crosscoder import llm_crosscoder_training_runner as runner
+
+    clock = iter([10.0, 14.0])  # the bar starts at t=10, the step is reported at t=14
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: next(clock))
+    store = SimpleNamespace(harvest_seconds=1.0, harvested_rows=100, num_processes=2)
+    bar = tqdm(total=1000, disable=True, smoothing=0)
+    bar.harvest_start = (store.harvest_seconds, store.harvested_rows, runner.time.perf_counter(), 0)
+    store.harvest_seconds, store.harvested_rows = 2.0, 300  # 1 s harvesting 200 rows on each of 2 processes
+    runner._progress(bar, store, SimpleNamespace(n_tokens=600), {"loss": 1.0, "l0": 3.0, "fvu/h": 0.5})
+    postfix = bar.postfix
+    assert "harvest=400 tok/s" in postfix and "train=200 tok/s" in postfix  # 600 tokens in 4 - 1 s

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ class ActivationsStore:
         self._order: Tensor | None = None  # slots served this cycle, served up to _served
         self._served = 0
         self._carry: Tensor | None = None  # harvested rows that did not fit the last fill
+        self.harvest_seconds, self.harvested_rows = 0.0, 0  # this process's harvest cost (progress bar)
 
     @property
     def model(self) -> nn.Module | None:
@@ -155,7 +157,10 @@ class ActivationsStore:
 
     def _next_chunk(self) -> Tensor:
         """The next raw training rows [m, n_hooks, d_model] on the store's device."""
+        t0 = time.perf_counter()
         acts, special = self.source.next_chunk()
+        self.harvest_seconds += time.perf_counter() - t0
+        self.harvested_rows += len(acts)
         if self._stats is not None and self._stats[2] < self.cfg.n_batches_for_norm_estimate:
             sums, count = mean_norm_stats(acts, special)
             self._stats = [self._stats[0] + sums, self._stats[1] + count, self._stats[2] + 1]

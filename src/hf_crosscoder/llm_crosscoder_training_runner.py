@@ -12,6 +12,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -121,8 +123,12 @@ class LanguageModelCrosscoderTrainingRunner:
             self._check_output_path()
         acc.wait_for_everyone()
         set_seed(cfg.seed)
-        store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
+        with _phase(acc, "loading the model and opening the dataset"):
+            store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
         crosscoder = Crosscoder(cfg.crosscoder_config(**self._provenance(store)))
+        if resume is None:  # (a checkpoint's store holds its scales and buffer)
+            with _phase(acc, "estimating activation norms and filling the shuffle buffer"):
+                store.estimate_norm_scaling()
         if resume is None and cfg.b_dec_init_method == "mean":  # (a checkpoint holds b_dec and the buffer)
             with torch.no_grad():
                 crosscoder.b_dec.copy_(store.mean_out())
@@ -137,13 +143,15 @@ class LanguageModelCrosscoderTrainingRunner:
         self._init_logging(acc)
         steps = checkpoint_steps(trainer.total_steps, cfg.n_checkpoints)
         restore_signals = install_signal_handlers(trainer)
+        # smoothing=0: rate and ETA averaged over the whole run, so a buffer refill does not make them jump
         bar = tqdm(total=trainer.total_steps * cfg.train_batch_size_tokens, initial=trainer.state.n_tokens,
-                   unit="tok", unit_scale=True, disable=not acc.is_main_process, desc="training")
+                   unit="tok", unit_scale=True, disable=not acc.is_main_process, desc="training", smoothing=0)
+        bar.harvest_start = (store.harvest_seconds, store.harvested_rows, time.perf_counter(), trainer.state.n_tokens)
         try:
             trainer.train(iter(store), log_fn=lambda s, m: self._log(acc, s, m, "training_log.jsonl"),
                           eval_fn=lambda s: self._eval(trainer, store, s),
                           checkpoint_fn=lambda s: self._checkpoint(trainer, store),
-                          checkpoint_steps=steps, progress=lambda st, m: _progress(bar, cfg, st, m))
+                          checkpoint_steps=steps, progress=lambda st, m: _progress(bar, store, st, m))
         except StopTraining as stop:
             path = save_checkpoint(self.checkpoint_root, trainer, store)
             acc.end_training()
@@ -265,12 +273,31 @@ def _draw_plots(out: Path, crosscoder: Crosscoder) -> None:
     draw_all(out, crosscoder)
 
 
-def _progress(bar, cfg: LanguageModelCrosscoderRunnerConfig, st, metrics: dict | None) -> None:
+@contextmanager
+def _phase(acc: Accelerator, what: str) -> Iterator[None]:
+    """A setup phase on the main process's stderr: what it does, then how long it took."""
+    t0 = time.perf_counter()
+    if acc.is_main_process:
+        print(f"{what} ...", file=sys.stderr, flush=True)
+    yield
+    if acc.is_main_process:
+        print(f"{what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def _progress(bar, store, st, metrics: dict | None) -> None:
     bar.update(st.n_tokens - bar.n)
     if metrics is not None:
         fvu = [v for k, v in metrics.items() if k.startswith("fvu/")]
+        # since the bar started: harvest = rows harvested per second of harvesting (all processes), train =
+        # tokens trained per second of everything else (the step, evals, checkpoints)
+        h0, rows0, t0, n0 = bar.harvest_start
+        harvest_s = store.harvest_seconds - h0
+        rows = (store.harvested_rows - rows0) * store.num_processes
+        train_s = max(time.perf_counter() - t0 - harvest_s, 1e-9)
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
-                        fvu=f"{sum(fvu) / max(len(fvu), 1):.3f}", refresh=False)
+                        fvu=f"{sum(fvu) / max(len(fvu), 1):.3f}",
+                        harvest=f"{rows / harvest_s:.3g} tok/s" if harvest_s > 0 else "-",
+                        train=f"{(st.n_tokens - n0) / train_s:.3g} tok/s", refresh=False)
 
 
 def _for_wandb(metrics: dict) -> dict:
