@@ -227,7 +227,9 @@ class ActivationsStore:
     def mean_out(self) -> Tensor:
         """[n_out, d_model]: the mean normalized activation of each output hook over the buffer's rows (filled
         first if needed), averaged over the processes: b_dec's data init."""
-        scale = self.estimate_norm_scaling()  # fills the buffer
+        scale = self.estimate_norm_scaling()  # fills the buffer (unless the source knows its norms: a cache)
+        if self._buffer is None:
+            self._fill()
         rows = self._buffer[:self._n_filled or self.buffer_rows][:, self._out_index]
         mean = rows.double().mean(0) * scale[self._out_index, None].double()
         return reduce(mean, reduction="mean").float()
