@@ -35,4 +35,4 @@ for _ in range(2):
     metrics = evaluate(crosscoder, store, 1)
     seconds.append(time.perf_counter() - t0)
 print(json.dumps({"seconds": seconds, "peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                  "ce_loss_clean": metrics["ce_loss_clean"]}))
+                  "ce_loss_without_sae": metrics["ce_loss_without_sae"]}))

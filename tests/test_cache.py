@@ -44,7 +44,9 @@ def test_round_trip_equals_live_batches_and_resumes(tiny_model_dir, text_dataset
     shard = load_file(str(path / meta["shards"][0]["file"]))
     assert shard["blocks.3.hook_resid_post"].shape == (200, D_MODEL) and bool(shard["is_special"].any()) == cache_special
 
-    live_cfg = make_runner_config(tiny_model_dir, text_dataset_path, normalize_activations="none")
+    # a cache holds the dataset from its start: the live stream without a held-out slice is the same
+    live_cfg = make_runner_config(tiny_model_dir, text_dataset_path, normalize_activations="none",
+                                  eval_holdout_sequences=0)
     cached_cfg = make_runner_config(tiny_model_dir, text_dataset_path, normalize_activations="none",
                                     cached_activations_path=str(path))
     live, cached = ActivationsStore(live_cfg), ActivationsStore(cached_cfg)

@@ -102,3 +102,56 @@ def test_debug_shows_the_traceback(tiny_model_dir, text_dataset_path, tmp_path):
                      "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
     assert "ValueError: d_model=999 does not match" in proc.stderr
+
+
+@pytest.mark.parametrize("flag, suggestion", [("--lr_rate", "--lr"), ("--d_mod", "--d_model"),
+                                              ("--l1_coef", "--l1_coefficient"), ("--archtecture", "--architecture")])
+def test_misspelled_flag_suggests_the_nearest_in_one_line(capsys, flag, suggestion):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_runner_config([flag, "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: unknown flag {flag}; did you mean {suggestion}?"]
+
+
+def test_bad_flag_value_is_one_line_without_the_usage_block(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_runner_config(["--d_model", "abc"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --d_model") and "usage" not in err[0]
+
+
+def test_help_is_grouped_by_the_config_groups(capsys):
+    from hf_crosscoder.config import ARG_GROUPS
+
+    with pytest.raises(SystemExit):
+        parse_runner_config(["--help"])
+    text = capsys.readouterr().out
+    starts = [text.index(f"\n{title}:\n") for title, _ in ARG_GROUPS]
+    assert starts == sorted(starts)  # every group has its heading, in order
+    usage = text.split("\n\n")[0]
+    assert len(usage.splitlines()) == 1  # a one-line usage, not every flag
+    evaluation = text[text.index("\nevaluation:\n"):text.index("\noutput, checkpoints and Hub:\n")]
+    assert "--eval_holdout_sequences" in evaluation and "--lr " not in evaluation
+    crosscoder = text[text.index("\ncrosscoder:\n"):text.index("\nactivations store:\n")]
+    assert "--d_sae" in crosscoder and "--architecture" in crosscoder
+
+
+def test_cli_silences_transformers_bars_and_deepspeed_cpu_warning(monkeypatch):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from hf_crosscoder.cli import silence_internal_noise
+
+    monkeypatch.setattr(hf_logging, "_tqdm_active", True)
+    silence_internal_noise()
+    assert not hf_logging.is_progress_bar_enabled()
+    ds = logging.getLogger("DeepSpeed")
+    record = logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, "Setting accelerator to CPU. If you", (),
+                               None)
+    other = logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, "something else", (), None)
+    assert not ds.filter(record) and ds.filter(other)
+    silence_internal_noise()
+    assert sum(getattr(f, "_hf_crosscoder", False) for f in ds.filters) == 1  # installed once

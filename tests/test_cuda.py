@@ -306,7 +306,7 @@ def test_runner_end_to_end(precision, arch, tiny_model_dir, text_dataset_path, t
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 1 and metrics["l0"] > 0
     for hook in cfg.hook_names_out:
-        assert 0 <= metrics[f"fvu_normalized/{hook}"] < 1.5 and math.isfinite(metrics[f"ce_loss_score/{hook}"])
+        assert 0 <= metrics[f"fvu/{hook}"] < 1.5 and math.isfinite(metrics[f"ce_loss_score/{hook}"])
     reloaded = Crosscoder.from_pretrained(out).to(DEVICE).eval()
     x = torch.randn(32, len(cfg.hook_names_in), cfg.d_model, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     torch.testing.assert_close(reloaded(x).reconstruction, crosscoder.eval()(x).reconstruction)

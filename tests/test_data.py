@@ -140,3 +140,83 @@ def test_empty_dataset_and_empty_documents_raise(cfg_for, tokenizer, tmp_path):
 def test_special_token_mask(tokenizer):
     tokens = torch.tensor([[tokenizer.bos_token_id, 5, 6, tokenizer.pad_token_id, tokenizer.eos_token_id]])
     assert special_token_mask(tokens, tokenizer).tolist() == [[True, False, False, True, True]]
+
+
+# ------------------------------------------------------------------ held-out eval split
+def _unique_id_documents(n_docs=80, seed=0):
+    """Token-id documents whose ids are unique to each document (1000 + 100 * doc + position)."""
+    rng = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 13, (n_docs,), generator=rng).tolist()
+    return [[1000 + 100 * i + t for t in range(n)] for i, n in enumerate(lengths)]
+
+
+def _write_token_dataset(directory, documents, n_files):
+    directory.mkdir()
+    for f in range(n_files):  # several files: a streaming dataset of several shards
+        rows = documents[f::n_files]
+        (directory / f"part{f}.jsonl").write_text("".join(json.dumps({"input_ids": d}) + "\n" for d in rows))
+    return str(directory)
+
+
+def _ids(rows):
+    return {t for row in rows for t in row.flatten().tolist()} - {0}  # 0: the document separator
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("num_processes", [1, 2])
+@pytest.mark.parametrize("n_files", [1, 2])
+def test_held_out_tokens_never_reach_the_training_stream(tiny_model_dir, tmp_path, streaming, num_processes,
+                                                         n_files):
+    from types import SimpleNamespace
+
+    from hf_crosscoder.data import train_and_eval_streams
+
+    documents = _unique_id_documents()
+    path = _write_token_dataset(tmp_path / "tokens", documents, n_files)
+    cfg = make_runner_config(tiny_model_dir, path, is_dataset_tokenized=True, context_size=8, streaming=streaming,
+                             store_batch_size_prompts=2, n_eval_batches=3)  # 6 held-out rows per process
+    separator = SimpleNamespace(bos_token_id=0)
+    held_out, trained = set(), set()
+    for p in range(num_processes):
+        train, evals = train_and_eval_streams(cfg, separator, p, num_processes)
+        eval_rows = [evals.next_batch(2) for _ in range(3)]
+        assert sum(len(r) for r in eval_rows) == 6 and train.start_doc == evals.end_doc > 0
+        held_out |= _ids(eval_rows)
+        # two epochs: the second starts after the held-out documents again
+        trained |= _ids(train.restricted(train.start_doc, max_epochs=2).iter_batches(5))
+        again = train_and_eval_streams(cfg, separator, p, num_processes)[1]  # deterministic split
+        assert all(torch.equal(a, again.next_batch(2)) for a in eval_rows)
+    assert held_out and trained and not held_out & trained
+    assert len(held_out) >= num_processes * (6 * 8 - 6 * 8 // 3)  # most of each row is real tokens
+    every = {t for d in documents for t in d}
+    # nothing but the held-out documents is lost (the last of them may be cut, its rest is not trained on)
+    assert len(every - held_out - trained) < num_processes * 12 * (1 + 8 // 3)
+
+
+def test_eval_dataset_path_is_a_separate_dataset(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from hf_crosscoder.data import train_and_eval_streams
+
+    documents = _unique_id_documents()
+    train_path = _write_token_dataset(tmp_path / "train", documents[:40], 1)
+    eval_path = _write_token_dataset(tmp_path / "eval", documents[40:], 1)
+    cfg = make_runner_config(tiny_model_dir, train_path, is_dataset_tokenized=True, context_size=8,
+                             eval_dataset_path=eval_path)
+    train, evals = train_and_eval_streams(cfg, SimpleNamespace(bos_token_id=0), 0, 1)
+    assert train.start_doc == 0  # nothing held out of the training data
+    assert _ids([evals.next_batch(4)]) <= {t for d in documents[40:] for t in d}
+    assert _ids([train.next_batch(4)]) <= {t for d in documents[:40] for t in d}
+
+
+def test_holdout_taking_the_whole_shard_names_the_fix(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from hf_crosscoder.data import train_and_eval_streams
+
+    path = _write_token_dataset(tmp_path / "small", _unique_id_documents(6), 1)
+    cfg = make_runner_config(tiny_model_dir, path, is_dataset_tokenized=True, context_size=8,
+                             eval_holdout_sequences=100)
+    train, _ = train_and_eval_streams(cfg, SimpleNamespace(bos_token_id=0), 0, 1)
+    with pytest.raises(ValueError, match="eval_holdout_sequences"):
+        train.next_batch(1)

@@ -1,4 +1,6 @@
-"""Evals against a naive recomputation on the same batch."""
+"""Evals against float64 references computed by SAEBench's definitions on the same batch."""
+
+import math
 
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch.nn.functional as F
 from helpers import make_runner_config
 
 from hf_crosscoder import ActivationsStore, Crosscoder, evals
-from hf_crosscoder.evals import evaluate
+from hf_crosscoder.evals import evaluate, feature_stats, json_metrics, max_cosine_sim
 from hf_crosscoder.hooks import splice
 
 
@@ -17,60 +19,135 @@ def _setup(tiny_model_dir, text_dataset_path, **overrides):
     return cfg, crosscoder
 
 
+def _close(value, reference, tol=1e-6):
+    assert abs(value - float(reference)) <= tol * max(1.0, abs(float(reference))), (value, float(reference))
+
+
+def _naive_max_cos(vectors):
+    vectors = vectors.detach().double()
+    unit = vectors / vectors.norm(dim=-1, keepdim=True)
+    sims = unit @ unit.T
+    sims.fill_diagonal_(-math.inf)
+    return sims.max(1).values
+
+
+def _eval_batch(cfg, cc):
+    store = ActivationsStore(cfg, device="cpu")  # same seed: the same eval batch as evaluate's
+    tokens = store.next_eval_tokens()
+    acts_in, acts_out, keep = store.activations_from_tokens(tokens)
+    with torch.no_grad():
+        f = cc.encode(acts_in[keep]).double()
+        r = cc.decode(f.float()).double().view_as(acts_out[keep])
+    return store, tokens, acts_out, keep, acts_out[keep].double(), f, r
+
+
+def _check_reconstruction(metrics, cfg, store, y, f, r):
+    for j, hook in enumerate(cfg.hook_names_out):
+        yj, rj, s = y[:, j], r[:, j], store.scale_out[j].double()
+        sse, sst = ((yj - rj) ** 2).sum(), ((yj - yj.mean(0)) ** 2).sum()
+        _close(metrics[f"explained_variance/{hook}"], 1 - sse / sst)
+        _close(metrics[f"mse/{hook}"], ((yj / s - rj / s) ** 2).sum(-1).mean())  # raw scale
+        _close(metrics[f"mse_normalized/{hook}"], ((yj - rj) ** 2).sum(-1).mean())
+        _close(metrics[f"cossim/{hook}"], F.cosine_similarity(yj, rj, dim=-1).mean())
+        _close(metrics[f"l2_ratio/{hook}"], (rj.norm(dim=-1) / yj.norm(dim=-1)).mean())
+        _close(metrics[f"relative_reconstruction_bias/{hook}"],
+               (rj.norm(dim=-1) ** 2).mean() / (yj * rj).sum(-1).mean())
+    _close(metrics["explained_variance"], 1 - ((y - r) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    _close(metrics["l0"], (f != 0).sum(-1).double().mean())
+    _close(metrics["l1"], f.sum(-1).mean())
+    density = (f > 0).double().mean(0)
+    _close(metrics["frac_alive"], (density > 0).double().mean())
+    _close(metrics["freq_over_1_percent"], (density > 0.01).double().mean())
+    _close(metrics["freq_over_10_percent"], (density > 0.1).double().mean())
+    assert torch.allclose(metrics["feature_density"].double(), density)
+
+
+def _check_ce(metrics, cfg, cc, store, tokens, acts_out, keep, f):
+    model, hook = store.model, cfg.hook_names_out[0]
+    counted = keep.view(tokens.shape)[:, :-1].double()  # positions whose input token is not special
+    with torch.no_grad():
+        recon_all = torch.zeros_like(acts_out)
+        recon_all[keep] = cc.decode(f.float()).view_as(acts_out[keep]).float()
+        raw = (recon_all[:, 0] / store.scale_out[0]).view(*tokens.shape, -1)
+        mask = keep.view(*tokens.shape, 1)
+        clean = model(tokens).logits.double()
+        with splice(model, {hook: lambda a: torch.where(mask, raw, a)}):
+            spliced = model(tokens).logits.double()
+        with splice(model, {hook: torch.zeros_like}):
+            zero = model(tokens).logits.double()
+
+    def ce(logits):
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        return (losses.view_as(counted) * counted).sum() / counted.sum()
+
+    def kl(logits):
+        p = F.log_softmax(clean[:, :-1], -1)
+        per_position = (p.exp() * (p - F.log_softmax(logits[:, :-1], -1))).sum(-1)
+        return (per_position * counted).sum() / counted.sum()
+
+    tol = 1e-5
+    _close(metrics["ce_loss_without_sae"], ce(clean), tol)
+    _close(metrics[f"ce_loss_with_sae/{hook}"], ce(spliced), tol)
+    _close(metrics[f"ce_loss_with_ablation/{hook}"], ce(zero), tol)
+    _close(metrics[f"ce_loss_score/{hook}"], (ce(zero) - ce(spliced)) / (ce(zero) - ce(clean)), 1e-4)
+    _close(metrics[f"kl_div_with_sae/{hook}"], kl(spliced), tol)
+    _close(metrics[f"kl_div_with_ablation/{hook}"], kl(zero), tol)
+    _close(metrics[f"kl_div_score/{hook}"], (kl(zero) - kl(spliced)) / kl(zero), 1e-4)
+
+
 @pytest.mark.parametrize("one_prompt_per_forward", [False, True])
-def test_metrics_match_naive_recomputation(tiny_model_dir, text_dataset_path, monkeypatch, one_prompt_per_forward):
+def test_metrics_match_float64_references(tiny_model_dir, text_dataset_path, monkeypatch, one_prompt_per_forward):
     # CE evals run the LM over groups of prompts (bounded logits); one prompt per group must give the
     # same sums as the whole batch at once
     if one_prompt_per_forward:
         monkeypatch.setattr(evals, "LOGITS_CHUNK_ELEMENTS", 1)
+    cfg, cc = _setup(tiny_model_dir, text_dataset_path, n_eval_batches=1)
+    metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
+    store, tokens, acts_out, keep, y, f, r = _eval_batch(cfg, cc)
+    assert metrics["n_eval_tokens"] == len(y) and not keep.all()  # BOS positions are left out
+    _check_reconstruction(metrics, cfg, store, y, f, r)
+    _check_ce(metrics, cfg, cc, store, tokens, acts_out, keep, f)
+    enc, dec = _naive_max_cos(cc.W_enc.flatten(0, 1).T), _naive_max_cos(cc.W_dec.flatten(1))
+    _close(metrics["average_max_encoder_cosine_sim"], enc.mean())
+    _close(metrics["average_max_decoder_cosine_sim"], dec.mean())
+    assert torch.allclose(metrics["max_encoder_cosine_sim"].double(), enc, atol=1e-6)
+    for j, hook in enumerate(cfg.hook_names_out):
+        _close(metrics[f"average_max_decoder_cosine_sim/{hook}"], _naive_max_cos(cc.W_dec[:, j]).mean())
+
+
+def test_json_metrics_hold_numbers_or_null_and_stats_are_tensors(tiny_model_dir, text_dataset_path):
     cfg, cc = _setup(tiny_model_dir, text_dataset_path)
     metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
+    metrics["undefined"] = math.nan
+    plain = json_metrics(metrics)
+    assert plain["undefined"] is None and "feature_density" not in plain
+    assert all(v is None or isinstance(v, (int, float)) for v in plain.values())
+    stats = feature_stats(metrics)
+    assert set(stats) == {"feature_density", "max_encoder_cosine_sim", "max_decoder_cosine_sim",
+                          *(f"max_decoder_cosine_sim/{h}" for h in cfg.hook_names_out)}
+    assert all(t.shape == (cfg.d_sae,) for t in stats.values())
 
-    store = ActivationsStore(cfg, device="cpu")  # same seed: the same eval batch
-    tokens = store.next_tokens()
-    acts_in, acts_out, keep = store.activations_from_tokens(tokens)
-    y = acts_out[keep].double()
-    with torch.no_grad():
-        f = cc.encode(acts_in[keep])
-        r = cc.decode(f).double()
-    for j, hook in enumerate(cfg.hook_names_out):
-        sse = ((y[:, j] - r[:, j]) ** 2).sum()
-        sst = ((y[:, j] - y[:, j].mean(0)) ** 2).sum()
-        assert abs(metrics[f"fvu_normalized/{hook}"] - (sse / sst).item()) < 1e-6
-    sse_all = ((y - r) ** 2).sum()
-    sst_all = ((y - y.mean(0)) ** 2).sum()
-    assert abs(metrics["fvu_normalized"] - (sse_all / sst_all).item()) < 1e-6
-    assert abs(metrics["l0"] - (f > 0).sum(-1).double().mean().item()) < 1e-6
-    density = (f > 0).double().mean(0)
-    assert abs(metrics["dead_fraction"] - (density == 0).double().mean().item()) < 1e-9
-    assert abs(metrics["dense_fraction"] - (density > 0.1).double().mean().item()) < 1e-9
 
-    model = store.model
-    with torch.no_grad():
-        clean = model(tokens).logits
-        ce_clean = F.cross_entropy(clean[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-        assert abs(metrics["ce_loss_clean"] - ce_clean.item()) < 1e-4
-        hook = cfg.hook_names_out[0]
-        recon_all = torch.zeros_like(acts_out)
-        recon_all[keep] = cc.decode(f).float()
-        raw = (recon_all[:, 0] / store.scale_out[0]).view(*tokens.shape, -1)
-        mask = keep.view(*tokens.shape, 1)
-        with splice(model, {hook: lambda a: torch.where(mask, raw, a)}):
-            spliced = model(tokens).logits
-        with splice(model, {hook: torch.zeros_like}):
-            zero = model(tokens).logits
-    ce = lambda logits: F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()  # noqa: E731
-    assert abs(metrics[f"ce_loss_spliced/{hook}"] - ce(spliced)) < 1e-4
-    assert abs(metrics[f"ce_loss_zero_ablated/{hook}"] - ce(zero)) < 1e-4
-    score = (ce(zero) - ce(spliced)) / (ce(zero) - ce_clean.item())
-    assert abs(metrics[f"ce_loss_score/{hook}"] - score) < 1e-4
-    kl = F.kl_div(F.log_softmax(spliced[:, :-1], -1), F.log_softmax(clean[:, :-1], -1), log_target=True,
-                  reduction="sum")
-    assert abs(metrics[f"kl_div/{hook}"] - kl.item() / (tokens.shape[0] * (tokens.shape[1] - 1))) < 1e-4
+def test_max_cosine_sim_in_blocks_and_cross_layer_vectors(tiny_model_dir, text_dataset_path):
+    torch.manual_seed(1)
+    v = torch.randn(37, 5)
+    assert torch.allclose(max_cosine_sim(v, chunk=8).double(), _naive_max_cos(v), atol=1e-6)
+    # cross_layer: group i reads input hook i only and writes output hooks i..; its encoder vectors are zero
+    # outside its own hook, and a hook's decoder statistic only counts the latents that write it
+    hooks = [f"blocks.{i}.hook_resid_post" for i in range(2)]
+    cfg, cc = _setup(tiny_model_dir, text_dataset_path, layer_structure="cross_layer", hook_names_in=hooks,
+                     hook_names_out=hooks)
+    enc = evals.encoder_vectors(cc)
+    G, d = cfg.d_sae // 2, cfg.d_model
+    assert torch.equal(enc[:G, :d], cc.W_enc[0].T) and (enc[:G, d:] == 0).all() and (enc[G:, :d] == 0).all()
+    m = evals.cosine_metrics(cc)
+    later = cc.structure.decoder_vectors(cc.W_dec)[:, 0]
+    _close(m[f"average_max_decoder_cosine_sim/{hooks[0]}"], _naive_max_cos(later[:G]).mean())
+    assert torch.isnan(m[f"max_decoder_cosine_sim/{hooks[0]}"][G:]).all()  # group 1 does not write hook 0
 
 
 def test_perfect_reconstruction_scores_one(tiny_model_dir, text_dataset_path):
-    """A skip crosscoder with identity skip and no latents reconstructs exactly: FVU 0, CE score 1."""
+    """A skip crosscoder with identity skip and no latents reconstructs exactly: EV 1, CE and KL scores 1."""
     hooks = ["blocks.1.hook_resid_post"]
     cfg, cc = _setup(tiny_model_dir, text_dataset_path, architecture="skip_crosscoder",
                      hook_names_in=hooks, hook_names_out=hooks)
@@ -78,11 +155,14 @@ def test_perfect_reconstruction_scores_one(tiny_model_dir, text_dataset_path):
         cc.W_dec.zero_()
         cc.W_skip.copy_(torch.eye(cfg.d_model))
         cc.b_enc.fill_(-1e6)  # no latent fires
-    metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
-    assert metrics["fvu_normalized"] < 1e-10
-    assert abs(metrics[f"ce_loss_score/{hooks[0]}"] - 1) < 1e-5
-    assert metrics[f"kl_div/{hooks[0]}"] < 1e-6
-    assert metrics["dead_fraction"] == 1.0 and metrics["l0"] == 0
+    metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1, weight_metrics=False)
+    assert abs(metrics["explained_variance"] - 1) < 1e-10 and abs(metrics[f"cossim/{hooks[0]}"] - 1) < 1e-6
+    assert abs(metrics[f"l2_ratio/{hooks[0]}"] - 1) < 1e-6
+    assert abs(metrics[f"relative_reconstruction_bias/{hooks[0]}"] - 1) < 1e-6
+    assert abs(metrics[f"ce_loss_score/{hooks[0]}"] - 1) < 1e-5 and abs(metrics[f"kl_div_score/{hooks[0]}"] - 1) < 1e-5
+    assert metrics[f"kl_div_with_sae/{hooks[0]}"] < 1e-6
+    assert metrics["frac_alive"] == 0.0 and metrics["l0"] == 0 and metrics["l1"] == 0
+    assert "average_max_encoder_cosine_sim" not in metrics
 
 
 def test_causal_lm_detection_covers_gpt2_and_excludes_encoders():
@@ -119,15 +199,15 @@ def test_all_output_hooks_spliced_at_once_match_a_naive_splice(tiny_model_dir, t
         with splice(store.model, {hooks[0]: torch.zeros_like, hooks[1]: torch.zeros_like}):
             zero = store.model(tokens).logits
         clean = store.model(tokens).logits
-    assert abs(metrics["ce_loss_spliced_all"] - _ce(spliced, tokens)) < 1e-4
-    assert abs(metrics["ce_loss_zero_ablated_all"] - _ce(zero, tokens)) < 1e-4
+    assert abs(metrics["ce_loss_with_sae_all"] - _ce(spliced, tokens)) < 1e-4
+    assert abs(metrics["ce_loss_with_ablation_all"] - _ce(zero, tokens)) < 1e-4
     kl = F.kl_div(F.log_softmax(spliced[:, :-1], -1), F.log_softmax(clean[:, :-1], -1), log_target=True,
                   reduction="sum").item() / (tokens.shape[0] * (tokens.shape[1] - 1))
-    assert abs(metrics["kl_div_all"] - kl) < 1e-4
+    assert abs(metrics["kl_div_with_sae_all"] - kl) < 1e-4
     # replacing both hooks is not replacing either one
-    assert metrics["kl_div_all"] > max(metrics[f"kl_div/{h}"] for h in hooks) + 1e-3
-    score = (metrics["ce_loss_zero_ablated_all"] - metrics["ce_loss_spliced_all"]) / (
-        metrics["ce_loss_zero_ablated_all"] - metrics["ce_loss_clean"])
+    assert metrics["kl_div_with_sae_all"] > max(metrics[f"kl_div_with_sae/{h}"] for h in hooks) + 1e-3
+    score = (metrics["ce_loss_with_ablation_all"] - metrics["ce_loss_with_sae_all"]) / (
+        metrics["ce_loss_with_ablation_all"] - metrics["ce_loss_without_sae"])
     assert abs(metrics["ce_loss_score_all"] - score) < 1e-9
 
 
@@ -145,9 +225,9 @@ def test_all_at_once_splice_of_an_exact_and_a_zero_reconstruction(tiny_model_dir
         cc.W_skip.copy_(torch.eye(cfg.d_model).expand(3, -1, -1) if exact else torch.zeros_like(cc.W_skip))
     metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
     if exact:
-        assert abs(metrics["ce_loss_spliced_all"] - metrics["ce_loss_clean"]) < 1e-5
-        assert metrics["kl_div_all"] < 1e-6 and abs(metrics["ce_loss_score_all"] - 1) < 1e-5
+        assert abs(metrics["ce_loss_with_sae_all"] - metrics["ce_loss_without_sae"]) < 1e-5
+        assert metrics["kl_div_with_sae_all"] < 1e-6 and abs(metrics["ce_loss_score_all"] - 1) < 1e-5
     else:
-        assert abs(metrics["ce_loss_spliced_all"] - metrics["ce_loss_zero_ablated_all"]) < 1e-6
+        assert abs(metrics["ce_loss_with_sae_all"] - metrics["ce_loss_with_ablation_all"]) < 1e-6
         assert abs(metrics["ce_loss_score_all"]) < 1e-5
-    assert abs(metrics["ce_loss_zero_ablated_all"] - metrics["ce_loss_clean"]) > 1e-3  # ablating all matters
+    assert abs(metrics["ce_loss_with_ablation_all"] - metrics["ce_loss_without_sae"]) > 1e-3  # ablating all matters

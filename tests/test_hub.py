@@ -180,11 +180,12 @@ def test_downloaded_repo_loads_offline_afterwards(fake_hub, tmp_path, monkeypatc
 
 # ------------------------------------------------------------------------------ (3) the model card
 METRICS = {
-    "fvu_normalized/blocks.0.hook_resid_post": 0.0812345, "fvu_normalized/blocks.1.hook_resid_post": 0.125,
-    "explained_variance_normalized/blocks.0.hook_resid_post": 0.9187655, "mse_normalized/blocks.0.hook_resid_post": 0.65,
-    "fvu_normalized": 0.1, "explained_variance_normalized": 0.9, "l0": 31.7, "dead_fraction": 0.0125,
-    "dense_fraction": 0.0, "ce_loss_clean": 3.25, "ce_loss_spliced/blocks.0.hook_resid_post": 3.5,
-    "ce_loss_score/blocks.0.hook_resid_post": 0.875, "ce_loss_score/blocks.1.hook_resid_post": "n/a",
+    "explained_variance/blocks.0.hook_resid_post": 0.9187655, "explained_variance/blocks.1.hook_resid_post": 0.875,
+    "mse/blocks.0.hook_resid_post": 0.65, "cossim/blocks.0.hook_resid_post": 0.95,
+    "explained_variance": 0.9, "l0": 31.7, "frac_alive": 0.9875, "freq_over_10_percent": 0.0,
+    "ce_loss_without_sae": 3.25, "ce_loss_with_sae/blocks.0.hook_resid_post": 3.5,
+    "ce_loss_score/blocks.0.hook_resid_post": 0.875, "ce_loss_score/blocks.1.hook_resid_post": None,
+    "kl_div_with_ablation/blocks.0.hook_resid_post": None, "kl_div_score/blocks.0.hook_resid_post": None,
 }
 
 
@@ -200,12 +201,34 @@ def test_model_card_renders_metadata_tables_and_metrics(tmp_path):
     text = card.text
     for hook in HOOKS:
         assert f"| `{hook}` | {hook[7]} | input and output | yes | yes |" in text
-    assert "| `blocks.0.hook_resid_post` | 0.08123 | 0.9188 | 0.65 | 3.5 | n/a | 0.875 | n/a |" in text
-    assert "| `blocks.1.hook_resid_post` | 0.125 | n/a |" in text
-    assert "| L0 (active latents per token) | 31.7 |" in text and "| CE loss clean | 3.25 |" in text
+    # columns without a value in any row (L2 ratio, bias, CE zero-ablated, KL) are dropped
+    assert ("| output hook | explained variance | MSE (raw scale) | cossim | CE loss with crosscoder | "
+            "CE loss score |") in text
+    assert "| `blocks.0.hook_resid_post` | 0.9188 | 0.65 | 0.95 | 3.5 | 0.875 |" in text
+    assert "| `blocks.1.hook_resid_post` | 0.875 | n/a | n/a | n/a | n/a |" in text
+    assert "| L2 ratio |" not in text and "KL div with" not in text
+    assert "| L0 (active latents per token) | 31.7 |" in text and "| CE loss without crosscoder (clean) | 3.25 |" in text
     assert "| tokens trained | 2,000,000 |" in text and "| d_sae (latents) | 16 |" in text
     assert "--hook_names_in blocks.0.hook_resid_post blocks.1.hook_resid_post" in text
     assert 'Crosscoder.from_pretrained("org/name")' in text and "![fvu.png](fvu.png)" in text
+
+
+def test_card_model_index_holds_the_held_out_metrics(tmp_path):
+    """model-index (eval_results) parses back through huggingface_hub, with one result per finite metric
+    (overall and per hook), on the training dataset's held-out split; no absolute path anywhere."""
+    cc = tiny(14, model_name=str(tmp_path / "models" / "pythia"), dataset_path=str(tmp_path / "data.jsonl"))
+    card = build_model_card(cc, METRICS, {"output_path": "out"})
+    assert str(tmp_path) not in str(card)
+    parsed = ModelCard(str(card))
+    results = parsed.data.eval_results
+    got = {(r.metric_type, r.metric_config): r.metric_value for r in results}
+    assert got == {("explained_variance", None): 0.9, ("explained_variance", HOOKS[0]): 0.9187655,
+                   ("explained_variance", HOOKS[1]): 0.875, ("ce_loss_score", HOOKS[0]): 0.875, ("l0", None): 31.7}
+    assert all(r.dataset_split == "held-out" and r.dataset_type == "local" for r in results)
+    index = parsed.data.to_dict()["model-index"]
+    assert index[0]["name"] and index[0]["results"][0]["task"]["type"] == "feature-extraction"
+    assert validate_card_metadata(str(card)) == []
+    assert "model-index" not in build_model_card(cc).data.to_dict()  # no metrics: no model-index
 
 
 def test_card_without_metrics_and_local_model(tmp_path):
@@ -215,7 +238,7 @@ def test_card_without_metrics_and_local_model(tmp_path):
     # file is no Hub dataset
     assert card.data.to_dict()["base_model"] == tmp_path.name and "datasets" not in card.data.to_dict()
     assert str(tmp_path) not in str(card) and f"{tmp_path.name} (from a local folder)" in card.text
-    assert "No evaluation metrics were recorded" in card.text and "| CE loss clean | n/a |" in card.text
+    assert "No evaluation metrics were recorded" in card.text and "| output hook |" not in card.text
     assert "accelerate launch scripts/train.py --config run.yaml" in card.text
     assert "| k | 4 |" in card.text and "inference threshold" in card.text
 

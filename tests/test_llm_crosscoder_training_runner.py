@@ -34,10 +34,15 @@ def test_trains_evaluates_saves_and_reloads(arch, tiny_model_dir, text_dataset_p
     assert elapsed[0] > 0 and elapsed == sorted(elapsed)
     metrics = json.loads((out / "metrics.json").read_text())
     for hook in cfg.hook_names_out:
-        assert 0 <= metrics[f"fvu_normalized/{hook}"] < 1.5
-        assert math.isfinite(metrics[f"ce_loss_score/{hook}"])
-        assert metrics[f"kl_div/{hook}"] >= 0
-    assert metrics["l0"] > 0 and 0 <= metrics["dead_fraction"] <= 1
+        assert -0.5 < metrics[f"explained_variance/{hook}"] <= 1
+        assert math.isfinite(metrics[f"ce_loss_score/{hook}"]) and math.isfinite(metrics[f"kl_div_score/{hook}"])
+        assert metrics[f"kl_div_with_sae/{hook}"] >= 0
+    assert metrics["l0"] > 0 and 0 < metrics["frac_alive"] <= 1
+    # metrics.json: numbers or null only; per-latent statistics in feature_stats.safetensors
+    assert metrics.pop("distributed_type") == "NO"  # the one descriptor of the run (accelerate's name)
+    assert all(v is None or isinstance(v, (int, float)) for v in metrics.values())
+    stats = load_file(out / "feature_stats.safetensors")
+    assert stats["feature_density"].shape == (cfg.d_sae,) and stats["max_decoder_cosine_sim"].shape == (cfg.d_sae,)
 
     # the saved model works on raw activations, like the returned one
     reloaded = Crosscoder.from_pretrained(out).eval()
@@ -61,6 +66,15 @@ def test_folded_model_on_raw_equals_training_model_on_normalized(tiny_model_dir,
     s_out = torch.tensor(folded.config.activation_scale_out)
     expected = normalized(x * s_in[:, None]).reconstruction / s_out[:, None]
     torch.testing.assert_close(folded(x).reconstruction, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dashboard_true_writes_the_feature_browser(tiny_model_dir, text_dataset_path, tmp_path):
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "d"),
+                             training_tokens=64 * 4, dashboard=True, dashboard_tokens=256)
+    LanguageModelCrosscoderTrainingRunner(cfg).run()
+    site = tmp_path / "d" / "dashboard"
+    assert (site / "index.html").is_file() and (site / "data.js").stat().st_size > 0
+    assert make_runner_config(tiny_model_dir, text_dataset_path).dashboard is False  # off by default
 
 
 def test_resume_equals_uninterrupted(tiny_model_dir, text_dataset_path, tmp_path):
@@ -215,7 +229,7 @@ def test_wandb_offline_run_logs_metrics(tiny_model_dir, text_dataset_path, tmp_p
     LanguageModelCrosscoderTrainingRunner(cfg).run()
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    keys = (b"losses/mse", b"l0", b"dead_fraction", b"eval/fvu_normalized", b"eval/feature_density_log10")
+    keys = (b"losses/mse", b"l0", b"dead_fraction", b"eval/explained_variance", b"eval/feature_density_log10")
     deadline = time.time() + 60  # wandb's service process may still be flushing the run file
     while True:
         data = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
@@ -282,3 +296,21 @@ def test_resume_true_continues_an_interrupted_run_in_place(how, tiny_model_dir, 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_progress_bar_averages_over_the_run_and_shows_harvest_and_train_rates(monkeypatch):
+    from types import SimpleNamespace
+
+    from tqdm.auto import tqdm
+
+    from hf_crosscoder import llm_crosscoder_training_runner as runner
+
+    clock = iter([10.0, 14.0])  # the bar starts at t=10, the step is reported at t=14
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: next(clock))
+    store = SimpleNamespace(harvest_seconds=1.0, harvested_rows=100, num_processes=2)
+    bar = tqdm(total=1000, disable=True, smoothing=0)
+    bar.harvest_start = (store.harvest_seconds, store.harvested_rows, runner.time.perf_counter(), 0)
+    store.harvest_seconds, store.harvested_rows = 2.0, 300  # 1 s harvesting 200 rows on each of 2 processes
+    runner._progress(bar, store, SimpleNamespace(n_tokens=600), {"loss": 1.0, "l0": 3.0, "fvu/h": 0.5})
+    postfix = bar.postfix
+    assert "harvest=400 tok/s" in postfix and "train=200 tok/s" in postfix  # 600 tokens in 4 - 1 s

@@ -170,8 +170,8 @@ def test_runner_trains_saves_and_reloads_a_diff(tiny_model_dir, chat_model_dir, 
     assert reloaded.config.model_names == names and reloaded.config.n_out == 4
     metrics = json.loads((out / "metrics.json").read_text())
     for label in layer_labels(reloaded.config, "out"):
-        assert 0 <= metrics[f"fvu_normalized/{label}"] < 2
-        assert math.isfinite(metrics[f"ce_loss_score/{label}"]) and metrics[f"kl_div/{label}"] >= 0
+        assert 0 <= metrics[f"fvu/{label}"] < 2
+        assert math.isfinite(metrics[f"ce_loss_score/{label}"]) and metrics[f"kl_div_with_sae/{label}"] >= 0
     counts = {key: value for key, value in metrics.items() if key.startswith("diff_latents/")}
     assert list(counts) == ["diff_latents/only tiny_gpt_neox0", "diff_latents/only chat", "diff_latents/shared"]
     assert sum(counts.values()) == cfg.d_sae
@@ -221,13 +221,13 @@ def test_ce_evals_splice_each_model_with_its_own_reconstruction(tiny_model_dir, 
     for name in cfg.model_names:  # the clean CE of each model is its own single-model one
         single_cfg = make_runner_config(name, text_dataset_path, **HOOKS)
         single = evaluate(Crosscoder(single_cfg.crosscoder_config()), ActivationsStore(single_cfg, device="cpu"), 2)
-        assert metrics[f"ce_loss_clean/{name}"] == pytest.approx(single["ce_loss_clean"], rel=1e-6)
+        assert metrics[f"ce_loss_without_sae/{name}"] == pytest.approx(single["ce_loss_without_sae"], rel=1e-6)
         for hook in HOOKS["hook_names_out"]:
-            zero = metrics[f"ce_loss_zero_ablated/{name}/{hook}"]
-            assert zero == pytest.approx(single[f"ce_loss_zero_ablated/{hook}"], rel=1e-6)
-            assert metrics[f"kl_div/{name}/{hook}"] >= 0
+            zero = metrics[f"ce_loss_with_ablation/{name}/{hook}"]
+            assert zero == pytest.approx(single[f"ce_loss_with_ablation/{hook}"], rel=1e-6)
+            assert metrics[f"kl_div_with_sae/{name}/{hook}"] >= 0
     a, b = cfg.model_names
-    assert metrics[f"ce_loss_clean/{a}"] != metrics[f"ce_loss_clean/{b}"]
+    assert metrics[f"ce_loss_without_sae/{a}"] != metrics[f"ce_loss_without_sae/{b}"]
 
 
 def test_feature_activations_of_a_diff_read_every_model(tiny_model_dir, chat_model_dir, tiny_model_and_tokenizer):

@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from hf_crosscoder import Crosscoder, CrosscoderConfig
+from hf_crosscoder.metrics import FEATURE_STATS_FILE
 from hf_crosscoder.plots import (
     CURVES_FILE,
     DENSITY_FILE,
@@ -49,7 +51,8 @@ def test_order_and_span():
 
 def test_draw_all_from_a_run_folder(tmp_path):
     cc = small_crosscoder()
-    (tmp_path / "metrics.json").write_text(json.dumps({"feature_density_log10": [-10.0, -2, -1.5, -3, -0.5, -1]}))
+    density = torch.tensor([0.0, 1e-2, 10**-1.5, 1e-3, 10**-0.5, 1e-1])  # as the final eval writes it
+    save_file({"feature_density": density}, str(tmp_path / FEATURE_STATS_FILE))
     rows = [{"step": s, "loss": 10 / s, "l0": 3.0, **{f"fvu/{h}": 0.5 for h in HOOKS}} for s in (1, 2, 3)]
     (tmp_path / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
     with open(tmp_path / "training_log.jsonl", "a") as f:  # a resumed run logs step 3 again

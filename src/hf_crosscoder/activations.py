@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,7 @@ class ActivationsStore:
         self._order: Tensor | None = None  # slots served this cycle, served up to _served
         self._served = 0
         self._carry: Tensor | None = None  # harvested rows that did not fit the last fill
+        self.harvest_seconds, self.harvested_rows = 0.0, 0  # this process's harvest cost (progress bar)
 
     @property
     def model(self) -> nn.Module | None:
@@ -172,7 +174,10 @@ class ActivationsStore:
 
     def _next_chunk(self) -> Tensor:
         """The next raw training rows [m, n_hooks, d_model] on the store's device."""
+        t0 = time.perf_counter()
         acts, special = self.source.next_chunk()
+        self.harvest_seconds += time.perf_counter() - t0
+        self.harvested_rows += len(acts)
         if self._stats is not None and self._stats[2] < self.cfg.n_batches_for_norm_estimate:
             sums, count = mean_norm_stats(acts, special)
             self._stats = [self._stats[0] + sums, self._stats[1] + count, self._stats[2] + 1]
@@ -294,6 +299,19 @@ class ActivationsStore:
         (consumed from the training stream)."""
         self._require_model("next_tokens()")
         return self.source.next_tokens()
+
+    def reset_eval_tokens(self) -> None:
+        """Start the eval split over: every evaluation reads the same held-out rows."""
+        reset = getattr(self.source, "reset_eval_tokens", None)
+        if reset is not None:
+            reset()
+
+    def next_eval_tokens(self) -> Tensor:
+        """The next `store_batch_size_prompts` rows of the eval split (held out from training: data.py,
+        train_and_eval_streams), or of the training stream when nothing is held out."""
+        self._require_model("next_eval_tokens()")
+        eval_tokens = getattr(self.source, "next_eval_tokens", None)
+        return eval_tokens() if eval_tokens is not None else self.source.next_tokens()
 
     def activations_from_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(acts_in [b*s, n_in, d], acts_out [b*s, n_out, d], keep [b*s] bool), normalized, on the

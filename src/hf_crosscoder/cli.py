@@ -1,13 +1,17 @@
 """Command line: `transformers.HfArgumentParser` over the config dataclasses, so the flags are the
 dataclass fields (and their help), and the CLI and the Python API cannot drift apart.
 
-`--config file.yaml|json` supplies values; flags given next to it override them.
+`--config file.yaml|json` supplies values; flags given next to it override them. `--help` lists the
+flags by group (config.ARG_GROUPS); a misspelled flag gets one line naming the nearest one.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
 import json
+import logging
 import shlex
 import sys
 from collections.abc import Callable
@@ -16,8 +20,9 @@ from typing import TypeVar
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.utils import logging as hf_logging
 
-from .config import LanguageModelCrosscoderRunnerConfig
+from .config import ARG_GROUPS, LanguageModelCrosscoderRunnerConfig
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -34,10 +39,70 @@ def _read_config_file(path: str) -> dict:
     return data
 
 
+class _Parser(HfArgumentParser):
+    """argparse errors as one line (`error: ...`, exit status 2) instead of the whole usage block."""
+
+    def error(self, message: str):
+        print(f"error: {message} (--help lists the flags)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _group_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Move each field's flag into the argument group of the config dataclass that declares it
+    (config.ARG_GROUPS); the fields of `cls` itself (d_sae, expansion_factor) join the crosscoder group."""
+    groups = [(title, dc) for title, dc in ARG_GROUPS if issubclass(cls, dc)]
+    if not groups:
+        return
+    owner = {f.name: title for title, dc in reversed(groups) for f in dataclasses.fields(dc)}
+    made = {title: parser.add_argument_group(title, (dc.__doc__ or "").strip()) for title, dc in groups}
+    fallback = next((t for t, dc in groups if dc.__name__ == "CrosscoderArgs"), groups[0][0])
+    for action in list(parser._optionals._group_actions):
+        if action.dest in ("help", "config"):
+            continue
+        parser._optionals._group_actions.remove(action)
+        made[owner.get(action.dest, fallback)]._group_actions.append(action)
+
+
+def _unknown_flag_error(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """`error: unknown flag --lr_rate; did you mean --lr?` (exit status 2) for the first unknown flag."""
+    flag = next((a for a in unknown if a.startswith("-")), unknown[0]).split("=", 1)[0]
+    if flag.startswith("-"):
+        typo = flag.lstrip("-").replace("-", "_")
+        names = [a.dest for a in parser._actions if a.option_strings and a.dest != "help"]
+        # a known name plus a suffix (--lr_rate -> --lr) or cut short (--d_mod -> --d_model), else difflib's
+        near = sorted((n for n in names if typo.startswith(n + "_") or n.startswith(typo)), key=len, reverse=True)
+        near = near or difflib.get_close_matches(typo, names, n=1, cutoff=0.6)
+        message = f"unknown flag {flag}" + (f"; did you mean --{near[0]}?" if near else " (--help lists the flags)")
+    else:
+        message = f"unexpected argument {flag!r} (--help lists the flags)"
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def silence_internal_noise(progress_bars: bool = True) -> None:
+    """Quiet what third-party libraries print around our internal work: DeepSpeed's 'Setting accelerator
+    to CPU' warning (its logger is re-levelled when deepspeed is imported, so a filter, not a level), and,
+    with `progress_bars`, transformers' 'Loading weights' / 'Writing model shards' bars (the command line
+    only: a library caller keeps its own setting)."""
+    ds = logging.getLogger("DeepSpeed")
+    if not any(getattr(f, "_hf_crosscoder", False) for f in ds.filters):
+        def drop(record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith("Setting accelerator to CPU")
+
+        drop._hf_crosscoder = True  # type: ignore[attr-defined]
+        ds.addFilter(drop)
+    if progress_bars:
+        hf_logging.disable_progress_bar()
+
+
 def parse_dataclass(cls: type[T], argv: list[str] | None = None) -> T:
-    """Parse `argv` (default sys.argv[1:]) into `cls`, honouring `--config FILE`."""
+    """Parse `argv` (default sys.argv[1:]) into `cls`, honouring `--config FILE`; an unknown flag exits
+    with one line naming the nearest known one."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(cls)
+    parser = _Parser(cls, allow_abbrev=False)  # an abbreviation is a typo to report, not a guess
+    # the full usage line lists every flag (~70 lines): --help shows them by group instead
+    parser.usage = "%(prog)s --model_name M --hook_names_in H... --hook_names_out H... [flags] (--help: all flags)"
+    _group_flags(parser, cls)
     parser.add_argument("--config", default=None, help="A yaml or json file of field values; flags override it.")
     if "--config" in argv:
         i = argv.index("--config")
@@ -47,7 +112,9 @@ def parse_dataclass(cls: type[T], argv: list[str] | None = None) -> T:
             raise ValueError(f"--config {argv[i + 1]}: unknown field(s) {', '.join(unknown)}.")
         parser.set_defaults(**values)
         del argv[i:i + 2]
-    namespace = parser.parse_args(argv)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _unknown_flag_error(parser, unknown)
     fields = {k: v for k, v in vars(namespace).items() if k != "config"}
     return cls(**fields)
 
@@ -61,6 +128,7 @@ def run_cli(cls: type[T], fn: Callable[[T], R], argv: list[str] | None = None) -
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    silence_internal_noise()
     try:
         return fn(parse_dataclass(cls, argv))
     except USER_ERRORS as err:

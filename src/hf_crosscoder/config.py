@@ -471,10 +471,20 @@ class TrainerArgs:
 class EvalArgs:
     """Evaluation during and after training."""
 
-    n_eval_batches: int = arg(10, "Harvest batches per eval.")
+    n_eval_batches: int = arg(10, "Harvest batches per eval (store_batch_size_prompts sequences each).")
+    eval_dataset_path: str | None = arg(None, "A separate dataset to evaluate on (same forms as dataset_path); "
+                                        "default: a held-out slice of dataset_path (eval_holdout_sequences).")
+    eval_dataset_split: str | None = arg(None, "Split of eval_dataset_path (default dataset_split), e.g. "
+                                         "validation.")
+    eval_holdout_sequences: int | None = arg(None, "Without eval_dataset_path: sequences per process held out "
+                                             "from the start of dataset_path for evaluation, never trained on "
+                                             "(default n_eval_batches * store_batch_size_prompts; 0: evaluate "
+                                             "on the training stream).")
 
     def validate_eval_args(self) -> None:
         check_positive(self, ("n_eval_batches",))
+        if self.eval_holdout_sequences is not None:
+            check_range(self, ("eval_holdout_sequences",), 0)
 
 
 @dataclass
@@ -495,9 +505,13 @@ class OutputArgs:
     push_to_hub: bool = arg(False, "Publish to hf_repo_id.")
     hub_private: bool = arg(False, "Create the hub repo private.")
     hub_strategy: str = arg("end", "'end': publish once at the end; 'checkpoint': also every checkpoint.")
+    dashboard: bool = arg(False, "At the end, write the feature browser OUTPUT_PATH/dashboard/index.html "
+                          "(as python -m hf_crosscoder.dashboard OUTPUT_PATH).")
+    dashboard_tokens: int = arg(20_000, "Eval tokens the --dashboard browser reads for top contexts.")
 
     def validate_output_args(self) -> None:
         check_range(self, ("n_checkpoints",), 0)
+        check_positive(self, ("dashboard_tokens",))
         resume = self.resume_from_checkpoint
         if resume is not None and not isinstance(resume, (str, bool, os.PathLike)):
             raise ValueError(f"resume_from_checkpoint={resume!r} must be True/False, 'latest' or a checkpoint path.")

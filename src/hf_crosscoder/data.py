@@ -8,10 +8,17 @@ wraps around to a new epoch (with a warning), so `training_tokens` may exceed th
 
 The position is `(epoch, doc_index, offset)`: where the next row starts. It is saved as plain ints
 and restored exactly; resuming skips `doc_index` documents without tokenizing them.
+
+Held-out evaluation (`train_and_eval_streams`): with `eval_dataset_path` the eval rows come from that
+dataset (sharded the same way); otherwise the first `eval_holdout_sequences` rows of each process's shard
+(default n_eval_batches * store_batch_size_prompts) are the eval split, and that process's training stream
+starts at the first document after them and wraps back there at each epoch: no token of a held-out
+document is ever trained on, streaming or not, on any number of processes (shards are disjoint).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -158,11 +165,13 @@ class TokenStream:
 
     `cfg` needs the data fields of `LanguageModelCrosscoderRunnerConfig` (dataset_path, dataset_name,
     dataset_split, streaming, dataset_text_column, is_dataset_tokenized, context_size, prepend_bos).
+    Only this shard's documents `start_doc <= i < end_doc` are read (every epoch starts at `start_doc`):
+    the held-out split's documents are outside the training stream's range.
     """
 
     def __init__(self, cfg: Any, tokenizer: Any, process_index: int | None = None,
                  num_processes: int | None = None, dataset: Dataset | IterableDataset | None = None,
-                 max_epochs: int | None = None) -> None:
+                 max_epochs: int | None = None, start_doc: int = 0, end_doc: int | None = None) -> None:
         if process_index is None or num_processes is None:
             state = PartialState()
             process_index, num_processes = state.process_index, state.num_processes
@@ -174,8 +183,9 @@ class TokenStream:
         ds = dataset if dataset is not None else load_dataset_from_config(cfg)
         self.column = text_column(ds, cfg.dataset_text_column, cfg.is_dataset_tokenized, self.name)
         self.dataset = shard_for_process(ds.select_columns([self.column]), process_index, num_processes)
-        self.max_epochs = max_epochs
-        self.epoch = self.doc_index = self.offset = self.sequences_yielded = 0
+        self.max_epochs, self.start_doc, self.end_doc = max_epochs, start_doc, end_doc
+        self.epoch = self.offset = self.sequences_yielded = 0
+        self.doc_index = start_doc
         self._rows: Iterator[list[int]] | None = None
 
     def _tokenize(self, values: list[Any]) -> list[list[int]]:
@@ -210,14 +220,22 @@ class TokenStream:
         while self.max_epochs is None or epoch < self.max_epochs:
             index, found = start, False
             for values in self._columns_from(start):
+                if self.end_doc is not None:
+                    values = values[:max(0, self.end_doc - index)]
+                    if not values:
+                        break
                 for tokens in self._tokenize(values):
                     if len(tokens) > offset:
                         found = True
                         yield epoch, index, tokens, offset
                     index, offset = index + 1, 0
-            if not found and start == 0:
+            if not found and start == self.start_doc:
+                if self.start_doc:
+                    raise ValueError(f"dataset {self.name}: the held-out eval split takes all {self.start_doc} "
+                                     "documents of this process's shard; lower eval_holdout_sequences or pass "
+                                     "eval_dataset_path.")
                 raise _no_tokens_error(self.name)
-            epoch, start = epoch + 1, 0
+            epoch, start = epoch + 1, self.start_doc
             if self.max_epochs is None or epoch < self.max_epochs:
                 logger.warning("dataset %s exhausted after %d sequences on this process; starting epoch %d "
                                "(tokens repeat).", self.name, self.sequences_yielded, epoch)
@@ -249,6 +267,16 @@ class TokenStream:
             self.sequences_yielded += 1
             yield row
 
+    def restricted(self, start_doc: int = 0, end_doc: int | None = None,
+                   max_epochs: int | None = None) -> TokenStream:
+        """A fresh stream over this one's (already opened and sharded) dataset, documents
+        `start_doc <= i < end_doc` of the shard, from its start."""
+        other = copy.copy(self)
+        other.start_doc, other.end_doc, other.max_epochs = start_doc, end_doc, max_epochs
+        other.epoch = other.offset = other.sequences_yielded = 0
+        other.doc_index, other._rows = start_doc, None
+        return other
+
     def next_batch(self, n: int) -> Tensor:
         """The next `n` rows, LongTensor [n, context_size] (fewer, or StopIteration, when a finite
         stream ends)."""
@@ -279,3 +307,35 @@ class TokenStream:
         self.epoch, self.doc_index = int(state["epoch"]), int(state["doc_index"])
         self.offset, self.sequences_yielded = int(state["offset"]), int(state["sequences_yielded"])
         self._rows = None  # regenerated lazily from the restored position
+
+
+def eval_holdout_rows(cfg: Any) -> int:
+    """Rows per process held out for evaluation: `eval_holdout_sequences`, by default what one evaluation
+    reads (n_eval_batches * store_batch_size_prompts)."""
+    n = getattr(cfg, "eval_holdout_sequences", None)
+    return cfg.n_eval_batches * cfg.store_batch_size_prompts if n is None else n
+
+
+def train_and_eval_streams(cfg: Any, tokenizer: Any, process_index: int, num_processes: int,
+                           dataset: Dataset | IterableDataset | None = None) -> tuple[TokenStream, TokenStream | None]:
+    """(training stream, eval stream) of this process (see the module docstring). The eval stream is None
+    when nothing is held out (eval_holdout_sequences=0 without eval_dataset_path)."""
+    eval_path = getattr(cfg, "eval_dataset_path", None)
+    if eval_path:
+        eval_cfg = copy.copy(cfg)  # the same data fields, another dataset (or split)
+        eval_cfg.dataset_split = getattr(cfg, "eval_dataset_split", None) or cfg.dataset_split
+        if eval_path != cfg.dataset_path:
+            eval_cfg.dataset_path, eval_cfg.dataset_name = eval_path, None
+        return (TokenStream(cfg, tokenizer, process_index, num_processes, dataset),
+                TokenStream(eval_cfg, tokenizer, process_index, num_processes))
+    n_rows = eval_holdout_rows(cfg)
+    if n_rows == 0:
+        return TokenStream(cfg, tokenizer, process_index, num_processes, dataset), None
+    probe = TokenStream(cfg, tokenizer, process_index, num_processes, dataset, max_epochs=1)
+    try:
+        probe.next_batch(n_rows)
+    except StopIteration:
+        pass
+    # the held-out rows end inside document doc_index (offset > 0) or just before it
+    boundary = probe.doc_index + (1 if probe.offset else 0)
+    return probe.restricted(start_doc=boundary), probe.restricted(end_doc=boundary)

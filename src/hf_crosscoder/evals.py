@@ -1,13 +1,48 @@
 """Evaluation, callable on its own and run during training whether or not wandb is on.
 
-Reconstruction metrics are computed in normalized activation space (each hook weighs alike) and say
-so in their keys. Explained variance is 1 - SSE/SST over all eval tokens, SST centred on the
-per-dimension mean (not a mean of per-token ratios); the overall value is sum SSE / sum SST across hooks.
-CE metrics splice one output hook at a time, in raw scale, and need a causal LM; for other models they
-are reported as "n/a". A model diff splices each model with its own (model, hook) reconstructions.
-With several output hooks (one model) they also splice every output hook at once in one forward (`*_all`
-keys: the "replacement model" score of a set of transcoders or a CLT; the reconstructions are those of the
-clean activations, not recomputed from the spliced forward's inputs).
+SAEBench's core metrics under SAEBench's names (sae_bench/evals/core/main.py, functions
+get_sparsity_and_variance_metrics, get_recons_loss, get_downstream_reconstruction_metrics,
+calculate_misc_metrics, calculate_max_cosine_sim; read at github.com/adamkarvonen/SAEBench), per output hook
+(key f"{name}/{hook}") where SAEBench has one hook, over the eval tokens x (targets) and their
+reconstructions x_hat, in normalized activation space (each hook scaled to mean norm sqrt(d_model)):
+
+- `explained_variance` = 1 - E||x - x_hat||^2 / E||x - E[x]||^2 over all eval tokens (the mean centred per
+  dimension): SAEBench's "new (correct) formula". (Its code computes the total variance as
+  E||x||^2 - (mean_d E[x_d^2])^2, squaring second moments instead of means; we keep the stated definition.
+  Its `explained_variance_legacy`, a mean of per-token ratios centred on each batch, is not reported.)
+  Without a hook: all output hooks together, 1 - sum SSE / sum SST. `fvu` = 1 - explained_variance.
+- `mse` = E||x - x_hat||^2 (summed over d_model, averaged over tokens), in the model's raw activation
+  scale (what SAEBench measures on a folded model); `mse_normalized` the same in normalized space.
+  (SAEBench divides each token's error by its batch's token count as well, which makes its number depend
+  on the eval batch size; we do not.)
+- `cossim` = E[<x, x_hat> / (||x|| ||x_hat||)] (a zero vector counts as cosine 0, where SAEBench gets NaN).
+- `l2_ratio` = E[||x_hat|| / ||x||] (||x|| < 1e-4 divides by 1, as SAEBench).
+- `relative_reconstruction_bias` = E[||x_hat||^2] / E[<x, x_hat>] (Gated SAE paper eq. 10), over all eval
+  tokens (SAEBench averages the per-batch ratios).
+- `l0` = E[#{s: f_s != 0}], `l1` = E[sum_s f_s] per token; `frac_alive` = share of latents that fired on
+  any eval token; `freq_over_1_percent` / `freq_over_10_percent` = share of latents firing on more than 1%
+  / 10% of eval tokens (densities: f_s > 0).
+- causal LMs, one output hook spliced at a time (reconstruction in raw scale; special-token positions keep
+  their activation): `ce_loss_without_sae`, `ce_loss_with_sae`, `ce_loss_with_ablation` (the hook
+  zero-ablated), `ce_loss_score` = (with_ablation - with_sae) / (with_ablation - without_sae);
+  `kl_div_with_sae` / `kl_div_with_ablation` = E KL(clean || spliced), summed over the vocabulary,
+  `kl_div_score` = (with_ablation - with_sae) / with_ablation. Means over the predicted positions whose
+  input token is not special (with exclude_special_tokens; SAEBench's ignore_tokens), all otherwise.
+  Other models: these keys are None.
+- `average_max_encoder_cosine_sim` / `average_max_decoder_cosine_sim`: mean over latents of the largest
+  cosine similarity of its encoder (decoder) vector with any other latent's, on the concatenation over
+  hooks; per output hook for the decoder (among the latents that write that hook).
+
+A model diff (`model_names`) splices each model with its own (model, hook) reconstructions, keys per
+`model/hook` and `ce_loss_without_sae/<model>` (`ce_loss_without_sae` is then the models' mean). With several
+output hooks (one model) the CE/KL metrics are also taken with every output hook spliced at once in one
+forward (`*_all` keys: the "replacement model" score of a set of transcoders or a CLT; the reconstructions
+are those of the clean activations, not recomputed from the spliced forward's inputs), against every output
+hook zero-ablated at once.
+
+Per-latent statistics (`feature_density`, `max_encoder_cosine_sim`, `max_decoder_cosine_sim[/hook]`) are
+tensors in the returned dict: `feature_stats()` picks them (the runner writes feature_stats.safetensors),
+`json_metrics()` / `scalar_metrics()` the numbers.
 """
 
 from __future__ import annotations
@@ -21,10 +56,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .config import layer_labels
 from .hooks import forward_kwargs, splice
-from .metrics import dead_and_dense_fractions, density_log10
 from .modeling import Crosscoder
 
 LOGITS_CHUNK_ELEMENTS = 2**25  # CE evals: prompts per LM forward so that one logits tensor is <= 128 MiB
+COSINE_CHUNK = 1024  # latents per block of the max-cosine-similarity search (an F x F matrix never exists)
+CE_KEYS = ("ce_loss_with_sae", "ce_loss_with_ablation", "ce_loss_score", "kl_div_with_sae", "kl_div_with_ablation",
+           "kl_div_score")
 
 
 class _Sums:
@@ -35,20 +72,26 @@ class _Sums:
         self.sse = torch.zeros(n_out, **z)
         self.sum_y = torch.zeros(n_out, d_model, **z)
         self.sum_y2 = torch.zeros(n_out, d_model, **z)
+        self.cossim = torch.zeros(n_out, **z)  # sums over tokens of cos(x, x_hat), ||x_hat||/||x||, ...
+        self.l2_ratio = torch.zeros(n_out, **z)
+        self.recon_sq = torch.zeros(n_out, **z)  # ||x_hat||^2
+        self.dot = torch.zeros(n_out, **z)  # <x, x_hat>
         self.fires = torch.zeros(d_sae, **z)
+        self.nonzero = torch.zeros((), **z)
+        self.l1 = torch.zeros((), **z)
         self.n = torch.zeros((), **z)
-        # CE sums over predicted tokens: the clean model, and per output hook spliced / zero-ablated / KL
+        # CE sums over predicted tokens: the clean model, and per output hook spliced / zero-ablated / KLs
         self.ce_clean = torch.zeros(n_models, **z)  # per model (model diffing: each its own)
         self.ce_spliced = torch.zeros(n_out, **z)
         self.ce_zero = torch.zeros(n_out, **z)
         self.kl = torch.zeros(n_out, **z)
-        # every output hook replaced at once (with several output hooks)
-        self.ce_spliced_all, self.ce_zero_all, self.kl_all = (torch.zeros((), **z) for _ in range(3))
+        self.kl_zero = torch.zeros(n_out, **z)
+        # every output hook replaced at once (several output hooks, one model): spliced / zeroed CE, KLs
+        self.ce_spliced_all, self.ce_zero_all, self.kl_all, self.kl_zero_all = (torch.zeros((), **z) for _ in range(4))
         self.n_predicted = torch.zeros((), **z)
 
     def tensors(self) -> list[Tensor]:
-        return [self.sse, self.sum_y, self.sum_y2, self.fires, self.n, self.ce_clean, self.ce_spliced,
-                self.ce_zero, self.kl, self.ce_spliced_all, self.ce_zero_all, self.kl_all, self.n_predicted]
+        return list(vars(self).values())
 
 
 def is_causal_lm(model) -> bool:
@@ -61,11 +104,13 @@ def is_causal_lm(model) -> bool:
 
 
 @torch.no_grad()
-def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None) -> dict:
-    """Metrics over `n_batches` fresh batches of `store` (see module docstring for the definitions).
+def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None, weight_metrics: bool = True) -> dict:
+    """Metrics over `n_batches` eval batches of `store` (see the module docstring for the definitions);
+    `weight_metrics=False` skips the max-cosine-similarity searches (O(d_sae^2 d), weights only).
 
-    `store` provides next_tokens(), activations_from_tokens(tokens), scale_out and model (an
-    ActivationsStore). Under data parallelism the sums are all-reduced, so every process returns the same.
+    `store` provides next_eval_tokens() (or next_tokens()), reset_eval_tokens() (optional),
+    activations_from_tokens(tokens), scale_out and model (an ActivationsStore). Under data parallelism the sums are all-reduced, so every process
+    returns the same.
     """
     cfg = crosscoder.config
     was_training = crosscoder.training
@@ -73,22 +118,25 @@ def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None) ->
     models = spliceable_models(store)
     sums = _Sums(cfg.n_out, cfg.d_model, cfg.d_sae, crosscoder.W_dec.device, max(1, len(models)))
     causal = bool(models) and all(is_causal_lm(model) for model in models)
+    hooks = list(cfg.hook_names_out)
     for tokens, acts_in, acts_out, keep in _eval_batches(store, n_batches):
         out = crosscoder(acts_in[keep], acts_out[keep])
         _accumulate_reconstruction(sums, out, acts_out[keep])
         if causal:
             recon = torch.zeros_like(acts_out)
             recon[keep] = out.reconstruction.view_as(acts_out[keep]).to(recon.dtype)
-            hooks = list(cfg.hook_names_out)
             for m, model in enumerate(models):  # each model with its own (model, hook) reconstructions
                 layers = slice(m * len(hooks), (m + 1) * len(hooks))
-                _accumulate_ce(sums, model, store.scale_out[layers], hooks, tokens, recon[:, layers], keep, m,
-                               m * len(hooks))
+                _accumulate_ce(sums, model, store.scale_out[layers], hooks, tokens, recon[:, layers], keep, m)
     if accelerator is not None and accelerator.num_processes > 1:
         for t in sums.tensors():
             t.copy_(accelerator.reduce(t, "sum"))
     crosscoder.train(was_training)
-    return _finish(sums, layer_labels(cfg, "out"), causal, getattr(cfg, "model_names", None))
+    metrics = _finish(sums, layer_labels(cfg, "out"), store.scale_out.double().to(sums.n.device), causal,
+                      getattr(cfg, "model_names", None))
+    if weight_metrics:
+        metrics.update(cosine_metrics(crosscoder))
+    return metrics
 
 
 def spliceable_models(store) -> list:
@@ -101,91 +149,93 @@ def spliceable_models(store) -> list:
 
 
 def _eval_batches(store, n_batches: int):
-    """(tokens, acts_in, acts_out, keep) per batch. Training from an activation cache there is no model,
-    so no tokens: the batches come from the store's stream (reconstruction metrics only)."""
+    """(tokens, acts_in, acts_out, keep) per batch, from the store's eval split. Training from an
+    activation cache there is no model, so no tokens: the batches come from the store's stream
+    (reconstruction metrics only)."""
+    next_tokens = getattr(store, "next_eval_tokens", None) or store.next_tokens
+    if hasattr(store, "reset_eval_tokens"):
+        store.reset_eval_tokens()  # every evaluation reads the same held-out rows
     for _ in range(n_batches):
         if not getattr(store, "serves_tokens", store.model is not None):
             acts_in, acts_out = store.next_batch()
             yield None, acts_in, acts_out, torch.ones(acts_in.shape[0], dtype=torch.bool, device=acts_in.device)
         else:
-            tokens = store.next_tokens()
+            tokens = next_tokens()
             yield tokens, *store.activations_from_tokens(tokens)
 
 
 def _accumulate_reconstruction(sums: _Sums, out, y: Tensor) -> None:
     y = y.double()
     r = out.reconstruction.view_as(y).double()
+    y_norm, r_norm, dot = y.norm(dim=-1), r.norm(dim=-1), (y * r).sum(-1)  # [b, n_out]
     sums.sse += (y - r).pow(2).sum(dim=(0, 2))
     sums.sum_y += y.sum(0)
     sums.sum_y2 += y.pow(2).sum(0)
-    sums.fires += (out.feature_acts > 0).sum(0).double()
+    sums.cossim += (dot / (y_norm * r_norm).clamp(min=1e-30)).sum(0)
+    sums.l2_ratio += (r_norm / torch.where(y_norm < 1e-4, torch.ones_like(y_norm), y_norm)).sum(0)
+    sums.recon_sq += r_norm.pow(2).sum(0)
+    sums.dot += dot.sum(0)
+    f = out.feature_acts
+    sums.fires += (f > 0).sum(0).double()
+    sums.nonzero += (f != 0).sum().double()
+    sums.l1 += f.double().sum()
     sums.n += y.shape[0]
 
 
 def _accumulate_ce(sums: _Sums, model, scale_out: Tensor, hooks: list[str], tokens: Tensor, recon_norm: Tensor,
-                   keep: Tensor, m: int = 0, first: int = 0) -> None:
+                   keep: Tensor, m: int = 0) -> None:
     """CE of clean `model` (the m-th), and with each of its output `hooks` replaced by the reconstruction
     (raw scale) or zeros; KL(clean || spliced) summed over the vocabulary, into the sums of output layers
-    first, first + 1, .... Excluded positions (BOS) keep their activation.
+    m * len(hooks), .... Excluded positions (BOS) keep their activation.
     Runs over groups of prompts whose logits stay under LOGITS_CHUNK_ELEMENTS: a whole batch of logits is
     [b, s, vocab] floats (0.8 GB for 32 x 128 pythia tokens, several alive at once), and the full-size
     temporaries cost more time in page faults than the LM head's arithmetic."""
     b, s = tokens.shape
     device = next(model.parameters()).device
-    tokens, keep = tokens.to(device), keep.to(device)
+    tokens, keep = tokens.to(device), keep.to(device).view(b, s)
     recon = recon_norm.view(b, s, *recon_norm.shape[1:]).to(device)
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
     rows = max(1, LOGITS_CHUNK_ELEMENTS // (s * vocab))
     for i in range(0, b, rows):
         _accumulate_ce_rows(sums, model, scale_out.to(device), hooks, tokens[i:i + rows], recon[i:i + rows],
-                            keep.view(b, s)[i:i + rows], m, first)
+                            keep[i:i + rows], m)
     if m == 0:
-        sums.n_predicted += b * (s - 1)
+        sums.n_predicted += keep[:, :-1].sum().to(sums.n_predicted)
 
 
 def _accumulate_ce_rows(sums: _Sums, model, scale_out: Tensor, hooks: list[str], tokens: Tensor, recon: Tensor,
-                        keep: Tensor, m: int, first: int) -> None:
-    keep, kwargs = keep[..., None], forward_kwargs(model)
+                        keep: Tensor, m: int) -> None:
+    kwargs, first = forward_kwargs(model), m * len(hooks)
+    counted = keep[:, :-1].double()  # predicted positions whose input token is not special
+
+    def ce_and_kl(replacements: dict) -> tuple[Tensor, Tensor]:
+        with splice(model, replacements):
+            logp = _next_token_logp(model(tokens, **kwargs).logits)
+        ce = -(logp.gather(-1, tokens[:, 1:, None])[..., 0] * counted).sum()
+        kl = ((clean_p * (clean_logp - logp)).sum(-1) * counted).sum()  # KL(clean || spliced)
+        return ce.to(sums.ce_clean), kl.to(sums.ce_clean)
+
     clean_logp = _next_token_logp(model(tokens, **kwargs).logits)
     clean_p = clean_logp.exp()
-    targets = tokens[:, 1:, None]
-    sums.ce_clean[m] -= clean_logp.gather(-1, targets).sum().to(sums.ce_clean)
+    sums.ce_clean[m] -= (clean_logp.gather(-1, tokens[:, 1:, None])[..., 0] * counted).sum().to(sums.ce_clean)
+    spliced = {}
     for j, hook in enumerate(hooks):
         raw = recon[:, :, j] / scale_out[j]
-
-        def with_recon(act: Tensor, raw=raw) -> Tensor:
-            return torch.where(keep, raw.to(act.dtype), act)
-
-        with splice(model, {hook: with_recon}):
-            spliced_logp = _next_token_logp(model(tokens, **kwargs).logits)
-        sums.ce_spliced[first + j] -= spliced_logp.gather(-1, targets).sum().to(sums.ce_spliced)
-        sums.kl[first + j] += (clean_p * (clean_logp - spliced_logp)).sum().to(sums.kl)  # KL(clean || spliced)
-        del spliced_logp
-        with splice(model, {hook: torch.zeros_like}):
-            zero_logp = _next_token_logp(model(tokens, **kwargs).logits)
-            sums.ce_zero[first + j] -= zero_logp.gather(-1, targets).sum().to(sums.ce_zero)
-    if len(hooks) > 1 and sums.ce_clean.numel() == 1:
-        _accumulate_ce_all(sums, model, scale_out, hooks, tokens, recon, keep, clean_logp, clean_p)
-
-
-def _accumulate_ce_all(sums: _Sums, model, scale_out: Tensor, hooks: list[str], tokens: Tensor, recon: Tensor,
-                       keep: Tensor, clean_logp: Tensor, clean_p: Tensor) -> None:
-    """CE and KL with every output hook replaced by its reconstruction in one forward, and with every
-    output hook zeroed (the replacement model's score: how much of the zero-ablation gap it closes)."""
-    kwargs, targets = forward_kwargs(model), tokens[:, 1:, None]
-    replacements = {}
-    for j, hook in enumerate(hooks):
-        raw = recon[:, :, j] / scale_out[j]
-        replacements[hook] = lambda act, raw=raw: torch.where(keep, raw.to(act.dtype), act)
-    with splice(model, replacements):
-        spliced_logp = _next_token_logp(model(tokens, **kwargs).logits)
-    sums.ce_spliced_all -= spliced_logp.gather(-1, targets).sum().to(sums.ce_spliced_all)
-    sums.kl_all += (clean_p * (clean_logp - spliced_logp)).sum().to(sums.kl_all)
-    del spliced_logp
-    with splice(model, dict.fromkeys(hooks, torch.zeros_like)):
-        zero_logp = _next_token_logp(model(tokens, **kwargs).logits)
-        sums.ce_zero_all -= zero_logp.gather(-1, targets).sum().to(sums.ce_zero_all)
+        spliced[hook] = lambda act, raw=raw: torch.where(keep[..., None], raw.to(act.dtype), act)
+        ce, kl = ce_and_kl({hook: spliced[hook]})
+        sums.ce_spliced[first + j] += ce
+        sums.kl[first + j] += kl
+        ce, kl = ce_and_kl({hook: torch.zeros_like})
+        sums.ce_zero[first + j] += ce
+        sums.kl_zero[first + j] += kl
+    if len(hooks) > 1 and sums.ce_clean.numel() == 1:  # the replacement model: every output hook at once
+        ce, kl = ce_and_kl(spliced)
+        sums.ce_spliced_all += ce
+        sums.kl_all += kl
+        ce, kl = ce_and_kl(dict.fromkeys(hooks, torch.zeros_like))
+        sums.ce_zero_all += ce
+        sums.kl_zero_all += kl
 
 
 def _next_token_logp(logits: Tensor) -> Tensor:
@@ -193,58 +243,129 @@ def _next_token_logp(logits: Tensor) -> Tensor:
     return F.log_softmax(logits[:, :-1].float(), -1)
 
 
-def _finish(sums: _Sums, hooks: list[str], causal: bool, model_names: list[str] | None = None) -> dict:
+def _ratio(a: Tensor, b: Tensor) -> float:
+    """a / b as a float, NaN when b is 0 (json_metrics writes it as null)."""
+    return (a / b).item() if b.item() != 0 else math.nan
+
+
+def _finish(sums: _Sums, hooks: list[str], scale_out: Tensor, causal: bool,
+            model_names: list[str] | None = None) -> dict:
     n = sums.n.clamp(min=1)
     sst = (sums.sum_y2 - sums.sum_y.pow(2) / n).sum(-1)  # centred on the per-dimension mean
     m: dict = {"n_eval_tokens": int(sums.n.item())}
     for j, hook in enumerate(hooks):
-        fvu = (sums.sse[j] / sst[j].clamp(min=1e-12)).item()
-        m[f"fvu_normalized/{hook}"] = fvu
-        m[f"explained_variance_normalized/{hook}"] = 1 - fvu
+        fvu = _ratio(sums.sse[j], sst[j])
+        m[f"explained_variance/{hook}"], m[f"fvu/{hook}"] = 1 - fvu, fvu
+        m[f"mse/{hook}"] = (sums.sse[j] / n / scale_out[j] ** 2).item()
         m[f"mse_normalized/{hook}"] = (sums.sse[j] / n).item()
-    fvu_all = (sums.sse.sum() / sst.sum().clamp(min=1e-12)).item()
-    m["fvu_normalized"], m["explained_variance_normalized"] = fvu_all, 1 - fvu_all
+        m[f"cossim/{hook}"] = (sums.cossim[j] / n).item()
+        m[f"l2_ratio/{hook}"] = (sums.l2_ratio[j] / n).item()
+        m[f"relative_reconstruction_bias/{hook}"] = _ratio(sums.recon_sq[j], sums.dot[j])
+    fvu_all = _ratio(sums.sse.sum(), sst.sum())
+    m["explained_variance"], m["fvu"] = 1 - fvu_all, fvu_all
     density = sums.fires / n
-    m["l0"] = (sums.fires.sum() / n).item()
-    m["dead_fraction"], m["dense_fraction"] = dead_and_dense_fractions(density)
-    m["feature_density_log10"] = density_log10(density).float().tolist()
-    m.update(_finish_ce(sums, hooks, model_names) if causal else {"ce_loss_clean": "n/a"})
-    if causal and len(hooks) > 1 and not model_names:
-        m.update(_finish_ce_all(sums, m["ce_loss_clean"]))
+    m["l0"], m["l1"] = (sums.nonzero / n).item(), (sums.l1 / n).item()
+    m["frac_alive"] = (density > 0).double().mean().item()
+    m["freq_over_1_percent"] = (density > 0.01).double().mean().item()
+    m["freq_over_10_percent"] = (density > 0.1).double().mean().item()
+    m["feature_density"] = density.float().cpu()
+    if causal:
+        m.update(_finish_ce(sums, hooks, model_names))
+        if len(hooks) > 1 and not model_names:
+            m.update(_finish_ce_all(sums, m["ce_loss_without_sae"]))
+    else:
+        m["ce_loss_without_sae"] = None
+        m.update({f"{key}/{hook}": None for key in CE_KEYS for hook in hooks})
     return m
 
 
+def _scores(clean: float, spliced: float, zero: float, kl: float, kl_zero: float, suffix: str) -> dict:
+    """SAEBench's CE/KL entries for one splice (`suffix` '/<hook>' or '_all')."""
+    return {f"ce_loss_with_sae{suffix}": spliced, f"ce_loss_with_ablation{suffix}": zero,
+            f"ce_loss_score{suffix}": (zero - spliced) / (zero - clean) if zero != clean else math.nan,
+            f"kl_div_with_sae{suffix}": kl, f"kl_div_with_ablation{suffix}": kl_zero,
+            f"kl_div_score{suffix}": (kl_zero - kl) / kl_zero if kl_zero != 0 else math.nan}
+
+
 def _finish_ce(sums: _Sums, hooks: list[str], model_names: list[str] | None = None) -> dict:
-    """CE metrics per output layer; for a model diff each (model, hook) against its own model's clean CE
-    (`ce_loss_clean/<model>`; `ce_loss_clean` is then their mean)."""
+    """CE metrics per output layer; for a model diff each (model, hook) against its own model's clean CE."""
     n_pred = sums.n_predicted.clamp(min=1)
     clean_per_model = (sums.ce_clean / n_pred).tolist()
-    m: dict = {"ce_loss_clean": sum(clean_per_model) / len(clean_per_model)}
+    m: dict = {"ce_loss_without_sae": sum(clean_per_model) / len(clean_per_model)}
     if model_names:
-        m.update({f"ce_loss_clean/{name}": value for name, value in zip(model_names, clean_per_model)})
+        m.update({f"ce_loss_without_sae/{name}": value for name, value in zip(model_names, clean_per_model)})
     per_model = len(hooks) // len(clean_per_model)
     for j, hook in enumerate(hooks):
-        clean = clean_per_model[j // per_model]
-        spliced = (sums.ce_spliced[j] / n_pred).item()
-        zero = (sums.ce_zero[j] / n_pred).item()
-        m[f"ce_loss_spliced/{hook}"] = spliced
-        m[f"ce_loss_zero_ablated/{hook}"] = zero
-        gap = zero - clean
-        m[f"ce_loss_score/{hook}"] = (zero - spliced) / gap if abs(gap) > 1e-12 else math.nan
-        m[f"kl_div/{hook}"] = (sums.kl[j] / n_pred).item()
+        values = (sums.ce_spliced[j], sums.ce_zero[j], sums.kl[j], sums.kl_zero[j])
+        m.update(_scores(clean_per_model[j // per_model], *((v / n_pred).item() for v in values), f"/{hook}"))
     return m
 
 
 def _finish_ce_all(sums: _Sums, clean: float) -> dict:
     n_pred = sums.n_predicted.clamp(min=1)
-    spliced, zero = (sums.ce_spliced_all / n_pred).item(), (sums.ce_zero_all / n_pred).item()
-    gap = zero - clean
-    return {"ce_loss_spliced_all": spliced, "ce_loss_zero_ablated_all": zero,
-            "ce_loss_score_all": (zero - spliced) / gap if abs(gap) > 1e-12 else math.nan,
-            "kl_div_all": (sums.kl_all / n_pred).item()}
+    values = (sums.ce_spliced_all, sums.ce_zero_all, sums.kl_all, sums.kl_zero_all)
+    return _scores(clean, *((v / n_pred).item() for v in values), "_all")
+
+
+def max_cosine_sim(vectors: Tensor, chunk: int = COSINE_CHUNK) -> Tensor:
+    """[F]: for each row of `vectors` [F, D], the largest cosine similarity with any other row (SAEBench's
+    calculate_max_cosine_sim, in blocks of `chunk` rows; a zero row has cosine 0 with everything)."""
+    unit = F.normalize(vectors.float(), dim=-1)
+    out = torch.empty(len(unit), device=unit.device)
+    for start in range(0, len(unit), chunk):
+        sims = unit[start:start + chunk] @ unit.T
+        rows = torch.arange(len(sims), device=unit.device)
+        sims[rows, rows + start] = -math.inf  # not with itself
+        out[start:start + chunk] = sims.max(dim=1).values
+    return out
+
+
+def encoder_vectors(crosscoder: Crosscoder) -> Tensor:
+    """[d_sae, n_in * d_model]: each latent's encoder vector over the concatenated input hooks (zeros
+    where its group reads nothing)."""
+    s = crosscoder.structure
+    out = crosscoder.W_enc.new_zeros(crosscoder.config.d_sae, s.n_in * s.d_model)
+    for grp, view in zip(s.groups, s.encoder_views(crosscoder.W_enc)):
+        out[grp.latents, grp.inputs] = view.T
+    return out
+
+
+def cosine_metrics(crosscoder: Crosscoder) -> dict:
+    """SAEBench's weight-based metrics: average (and per-latent) max cosine similarity of the encoder and
+    decoder vectors, overall and per output hook for the decoder (decoder in normalized space)."""
+    hooks = layer_labels(crosscoder.config, "out")
+    dec = crosscoder.structure.decoder_vectors(crosscoder.W_dec) * crosscoder.output_norm_weights()[:, None]
+    enc_max, dec_max = max_cosine_sim(encoder_vectors(crosscoder)), max_cosine_sim(dec.flatten(1))
+    m: dict = {"average_max_encoder_cosine_sim": enc_max.mean().item(),
+               "average_max_decoder_cosine_sim": dec_max.mean().item(),
+               "max_encoder_cosine_sim": enc_max.cpu(), "max_decoder_cosine_sim": dec_max.cpu()}
+    if len(hooks) > 1:
+        for j, hook in enumerate(hooks):
+            writes = dec[:, j].norm(dim=-1) > 0  # (a cross-layer latent writes only later hooks)
+            per_hook = torch.full((len(dec),), math.nan, device=dec.device)
+            if writes.sum() > 1:
+                per_hook[writes] = max_cosine_sim(dec[writes, j])
+            m[f"average_max_decoder_cosine_sim/{hook}"] = per_hook[writes].mean().item() if writes.sum() > 1 \
+                else math.nan
+            m[f"max_decoder_cosine_sim/{hook}"] = per_hook.cpu()
+    return m
 
 
 def scalar_metrics(metrics: dict) -> dict:
     """The metrics that are plain numbers (for logs and tables)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
+
+def json_metrics(metrics: dict) -> dict:
+    """What metrics.json holds: numbers, or None for what was not measured or is undefined (NaN)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, Tensor):
+            continue
+        out[key] = None if isinstance(value, float) and not math.isfinite(value) else value
+    return out
+
+
+def feature_stats(metrics: dict) -> dict[str, Tensor]:
+    """The per-latent statistics (feature_stats.safetensors): tensors [d_sae]."""
+    return {k: v.contiguous() for k, v in metrics.items() if isinstance(v, Tensor)}

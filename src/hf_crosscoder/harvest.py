@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from .config import torch_dtype
-from .data import TokenStream, special_token_mask
+from .data import special_token_mask, train_and_eval_streams
 from .hooks import capture_activations, check_d_model, find_layers, resolve_hook
 
 
@@ -49,6 +49,18 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' 'Loading weights' bar off for one internal load (the caller's setting comes back)."""
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
 
 
 @contextmanager
@@ -90,7 +102,7 @@ def checked_model_config(cfg: Any, model_name: str) -> tuple[type, Any]:
 def load_weights(cls: Any, config: Any, model_name: str, cfg: Any,
                  device: str | torch.device | None = None) -> nn.Module:
     """The frozen model's weights (whole, also under ZeRO-3), on `device` when given."""
-    with loading_whole():
+    with loading_whole(), no_progress_bars():
         model = cls.from_pretrained(model_name, config=config, dtype=torch_dtype(cfg.dtype))
     if device is not None:
         model.to(device)
@@ -174,9 +186,49 @@ def mean_norm_stats(acts: Tensor, special: Tensor) -> tuple[Tensor, Tensor]:
     return norms.sum(0, dtype=torch.float64), count
 
 
+class TokenRowsSource:
+    """What every LM-backed source shares: this process's training token stream and held-out eval split
+    (data.train_and_eval_streams), harvested by `self.harvester`; subclasses set `harvester` and call
+    `_open_tokens(tokenizer)` (before any weights load, so the dataset is checked first)."""
+
+    cfg: Any
+    harvester: Any
+    tokens: Any = None
+    eval_tokens: Any = None
+
+    def _open_tokens(self, tokenizer: Any) -> None:
+        state = PartialState()
+        self.tokens, self.eval_tokens = train_and_eval_streams(self.cfg, tokenizer, state.process_index,
+                                                               state.num_processes)
+
+    def next_chunk(self) -> tuple[Tensor, Tensor]:
+        """(rows [m, n_hooks, d_model] float32 raw, special-token mask [m]) of the next harvest."""
+        return self.harvester(self.next_tokens(), drop_special=self.cfg.exclude_special_tokens)
+
+    def next_tokens(self) -> Tensor:
+        """The next `store_batch_size_prompts` packed rows [n, context_size] on the harvest device."""
+        return self.tokens.next_batch(self.cfg.store_batch_size_prompts).to(self.harvester.device)
+
+    def next_eval_tokens(self) -> Tensor:
+        """The next rows of the held-out eval split (the training stream's when nothing is held out)."""
+        stream = self.eval_tokens if self.eval_tokens is not None else self.tokens
+        return stream.next_batch(self.cfg.store_batch_size_prompts).to(self.harvester.device)
+
+    def reset_eval_tokens(self) -> None:
+        if self.eval_tokens is not None:
+            self.eval_tokens = self.eval_tokens.restricted(self.eval_tokens.start_doc, self.eval_tokens.end_doc)
+
+    def mean_norms(self) -> Tensor | None:
+        return None  # estimated by the store from the first chunks (per stored layer)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.tokens.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.tokens.load_state_dict(state)
 
 
-class LMActivationSource:
+class LMActivationSource(TokenRowsSource):
     """Raw activation rows of `hook_names` from the frozen model on this process's token stream.
 
     `model`/`tokenizer` default to `load_model_and_tokenizer(cfg, device)` (the dataset is opened and
@@ -184,7 +236,7 @@ class LMActivationSource:
 
     def __init__(self, cfg: Any, hook_names: Sequence[str], model: nn.Module | None = None, tokenizer: Any = None,
                  device: str | torch.device | None = None) -> None:
-        self.cfg, self.hook_names, self.tokens = cfg, list(hook_names), None
+        self.cfg, self.hook_names = cfg, list(hook_names)
         if model is None:
             model, tokenizer = load_model_and_tokenizer(cfg, device, before_weights=self._open_tokens)
         elif tokenizer is None:
@@ -197,24 +249,3 @@ class LMActivationSource:
         if self.tokens is None:
             self._open_tokens(tokenizer)
         self.provenance: dict[str, Any] = {}
-
-    def _open_tokens(self, tokenizer: Any) -> None:
-        state = PartialState()
-        self.tokens = TokenStream(self.cfg, tokenizer, state.process_index, state.num_processes)
-
-    def next_chunk(self) -> tuple[Tensor, Tensor]:
-        """(rows [m, n_hooks, d_model] float32 raw, special-token mask [m]) of the next harvest."""
-        return self.harvester(self.next_tokens(), drop_special=self.cfg.exclude_special_tokens)
-
-    def next_tokens(self) -> Tensor:
-        """The next `store_batch_size_prompts` packed rows [n, context_size] on the model's device."""
-        return self.tokens.next_batch(self.cfg.store_batch_size_prompts).to(self.harvester.device)
-
-    def mean_norms(self) -> Tensor | None:
-        return None  # estimated by the store from the first chunks
-
-    def state_dict(self) -> dict[str, int]:
-        return self.tokens.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.tokens.load_state_dict(state)

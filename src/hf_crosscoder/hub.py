@@ -27,12 +27,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
 from .cli import reproduce_command
 from .config import CrosscoderConfig, LanguageModelCrosscoderRunnerConfig, hook_union, layer_labels
-from .metrics import PER_HOOK_COLUMNS, SUMMARY_ROWS
+from .metrics import MODEL_INDEX_METRICS, PER_HOOK_COLUMNS, SUMMARY_ROWS
 from .naming import public_dataset_name, public_model_name
 
 LIBRARY_NAME = "hf_crosscoder"
@@ -234,17 +234,22 @@ def _metric(metrics: Mapping[str, Any], key: str) -> str:
 
 
 def _eval_section(config: Any, metrics: Mapping[str, Any] | None) -> str:
+    """The per-hook table and the summary, without the columns (rows) that are n/a throughout (e.g. the CE
+    metrics of an encoder)."""
     metrics = metrics or {}
-    rows = [(f"`{hook}`", *(_metric(metrics, f"{key}/{hook}") for _, key in PER_HOOK_COLUMNS))
-            for hook in layer_labels(config, "out")]
-    per_hook = _table(("output hook", *(name for name, _ in PER_HOOK_COLUMNS)), rows)
-    summary = _table(("metric", "value"), [(name, _metric(metrics, key)) for name, key in SUMMARY_ROWS])
-    note = ("Reconstruction metrics are computed in normalized activation space (every hook weighs alike). "
-            "CE loss score = (zero-ablated - spliced) / (zero-ablated - clean): 1 is a perfect splice. "
-            "'n/a': not measured (e.g. CE metrics of encoder models).")
+    cells = [[_metric(metrics, f"{key}/{hook}") for _, key in PER_HOOK_COLUMNS] for hook in layer_labels(config, "out")]
+    shown = [i for i in range(len(PER_HOOK_COLUMNS)) if any(row[i] != "n/a" for row in cells)]
+    header = ("output hook", *(PER_HOOK_COLUMNS[i][0] for i in shown))
+    per_hook = _table(header, [(f"`{hook}`", *(row[i] for i in shown))
+                               for hook, row in zip(layer_labels(config, "out"), cells)]) if shown else ""
+    summary_rows = [(name, _metric(metrics, key)) for name, key in SUMMARY_ROWS]
+    summary = _table(("metric", "value"), [row for row in summary_rows if row[1] != "n/a"])
+    note = ("Held-out tokens; SAEBench's core metric definitions (hf_crosscoder.evals). Explained variance, "
+            "cossim, L2 ratio and bias are scale-free; MSE is in the model's raw activation scale. "
+            "CE loss score = (zero-ablated - with crosscoder) / (zero-ablated - clean): 1 is a perfect splice.")
     if not metrics:
-        note = "No evaluation metrics were recorded for this crosscoder. " + note
-    return f"{per_hook}\n\n{summary}\n\n{note}{_diff_counts(metrics)}"
+        return "No evaluation metrics were recorded for this crosscoder."
+    return "\n\n".join(part for part in (per_hook, summary, note) if part) + _diff_counts(metrics)
 
 
 def _diff_counts(metrics: Mapping[str, Any]) -> str:
@@ -255,6 +260,27 @@ def _diff_counts(metrics: Mapping[str, Any]) -> str:
     note = ("A latent is 'only <model>' when that model holds more than 90% of its decoder norm (normalized "
             "space; Anthropic's 0.1 / 0.9 relative-norm convention), else 'shared'.")
     return "\n\n### Model diff\n\n" + _table(("latents", "count"), rows) + "\n\n" + note
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def eval_results_for(config: Any, metrics: Mapping[str, Any] | None) -> list[EvalResult] | None:
+    """The card's `model-index`: the held-out metrics of MODEL_INDEX_METRICS, overall and per output hook
+    (metric_config names the hook), on the training dataset's held-out split (or `eval_dataset_path`)."""
+    metrics, results = metrics or {}, []
+    dataset, local = public_dataset_name(config.dataset_path) if config.dataset_path else (None, True)
+    for prefix, name in MODEL_INDEX_METRICS:
+        for hook in (None, *layer_labels(config, "out")):
+            value = metrics.get(prefix if hook is None else f"{prefix}/{hook}")
+            if _finite(value):
+                results.append(EvalResult(
+                    task_type="feature-extraction", task_name="activation reconstruction",
+                    dataset_type=dataset if dataset and not local else "local", dataset_name=dataset or "local data",
+                    dataset_split="held-out", metric_type=prefix, metric_value=float(value),
+                    metric_name=name if hook is None else f"{name} ({hook})", metric_config=hook))
+    return results or None
 
 
 def _command(command: str | None, run_config: Mapping[str, Any] | None, config: Any) -> str:
@@ -282,17 +308,22 @@ def _usage(config: Any, repo_id: str | None, subfolder: str | None) -> str:
             f"# with spliced(crosscoder, model): model(input_ids)")
 
 
-def card_data_for(config: Any, license: str = DEFAULT_LICENSE) -> ModelCardData:
+def card_data_for(config: Any, license: str = DEFAULT_LICENSE,
+                  metrics: Mapping[str, Any] | None = None) -> ModelCardData:
     """Metadata: library_name, base_model (the model's public name: naming.py), datasets when it is a Hub
-    dataset, tags, license."""
+    dataset, tags, license, and the held-out metrics as `model-index` (eval_results)."""
     tags = [*BASE_TAGS, config.architecture]
     model = public_model_name(config.model_name)[0] if config.model_name else None
     if getattr(config, "model_names", None):  # model diffing: every model is a base model
         model, tags = list(config.model_names), [*tags, "model-diffing"]
     dataset, local = public_dataset_name(config.dataset_path)
     hub_dataset = dataset if dataset and not local and not getattr(config, "dataset_is_local", False) else None
+    results = eval_results_for(config, metrics)
+    short = [m.rsplit("/", 1)[-1] for m in ([model] if isinstance(model, str) else model or [])]
+    name = f"{config.architecture}-{config.d_sae}" + "".join(f"-{m}" for m in short)
     return ModelCardData(library_name=LIBRARY_NAME, base_model=model,
-                         datasets=[hub_dataset] if hub_dataset else None, tags=tags, license=license)
+                         datasets=[hub_dataset] if hub_dataset else None, tags=tags, license=license,
+                         model_name=name if results else None, eval_results=results)
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -302,8 +333,8 @@ def build_model_card(crosscoder: Any, metrics: Mapping[str, Any] | None = None,
                      subfolder: str | None = None, license: str = DEFAULT_LICENSE) -> ModelCard:
     """The model card (README.md) of a crosscoder: metadata plus what it does, how well, how to use it.
 
-    `metrics` are the trainer's final evals (keys `fvu_normalized/<hook>`, `l0`, ...; absent ones show
-    'n/a'); `plots` are PNG file names next to the README; `command` reproduces the run (default: built
+    `metrics` are the final held-out evals (keys `explained_variance/<hook>`, `l0`, ...: evals.py; absent
+    ones show 'n/a', columns absent throughout are dropped); `plots` are PNG file names next to the README; `command` reproduces the run (default: built
     from `run_config`); `repo_id` / `subfolder` go into the usage snippet.
     """
     config = crosscoder.config
@@ -317,8 +348,9 @@ def build_model_card(crosscoder: Any, metrics: Mapping[str, Any] | None = None,
                f"{on_model} with `hf_crosscoder`. "
                f"Hooks: {hooks}.")
     return ModelCard.from_template(
-        card_data_for(config, license), template_str=CARD_TEMPLATE,
-        title=f"{config.architecture}{on_model}", summary=summary, hooks_table=_hooks_table(config) + _groups_table(crosscoder),
+        card_data_for(config, license, metrics), template_str=CARD_TEMPLATE,
+        title=f"{config.architecture}{on_model}", summary=summary,
+        hooks_table=_hooks_table(config) + _groups_table(crosscoder),
         hyper_table=_hyper_table(crosscoder), training_table=_training_table(config, run_config),
         eval_section=_eval_section(config, metrics), command=_command(command, run_config, config),
         usage=_usage(config, repo_id, subfolder), plots=list(plots or []))

@@ -12,11 +12,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .activations import ActivationsStore
@@ -30,9 +33,11 @@ from .checkpoints import (
 )
 from .cli import print_metrics_table, reproduce_command, run_cli
 from .config import LanguageModelCrosscoderRunnerConfig
+from .dashboard import make_dashboard
 from .diffing import LatentScaling, classify_latents, draw_diffing_plots, latent_scaling
-from .evals import evaluate, scalar_metrics
+from .evals import evaluate, feature_stats, json_metrics, scalar_metrics
 from .hub import push_folder_to_hub, save_for_hub
+from .metrics import FEATURE_STATS_FILE, density_log10
 from .modeling import Crosscoder
 from .naming import public_model_names, public_path, public_provenance
 from .plots import draw_all
@@ -119,8 +124,12 @@ class LanguageModelCrosscoderTrainingRunner:
             self._check_output_path()
         acc.wait_for_everyone()
         set_seed(cfg.seed)
-        store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
+        with _phase(acc, "loading the model and opening the dataset"):
+            store = ActivationsStore(cfg, self.override_model, self.override_tokenizer, device=acc.device)
         crosscoder = Crosscoder(cfg.crosscoder_config(**self._provenance(store)))
+        if resume is None:  # (a checkpoint's store holds its scales and buffer)
+            with _phase(acc, "estimating activation norms and filling the shuffle buffer"):
+                store.estimate_norm_scaling()
         if resume is None and cfg.b_dec_init_method == "mean":  # (a checkpoint holds b_dec and the buffer)
             with torch.no_grad():
                 crosscoder.b_dec.copy_(store.mean_out())
@@ -135,13 +144,15 @@ class LanguageModelCrosscoderTrainingRunner:
         self._init_logging(acc)
         steps = checkpoint_steps(trainer.total_steps, cfg.n_checkpoints)
         restore_signals = install_signal_handlers(trainer)
+        # smoothing=0: rate and ETA averaged over the whole run, so a buffer refill does not make them jump
         bar = tqdm(total=trainer.total_steps * cfg.train_batch_size_tokens, initial=trainer.state.n_tokens,
-                   unit="tok", unit_scale=True, disable=not acc.is_main_process, desc="training")
+                   unit="tok", unit_scale=True, disable=not acc.is_main_process, desc="training", smoothing=0)
+        bar.harvest_start = (store.harvest_seconds, store.harvested_rows, time.perf_counter(), trainer.state.n_tokens)
         try:
             trainer.train(iter(store), log_fn=lambda s, m: self._log(acc, s, m, "training_log.jsonl"),
                           eval_fn=lambda s: self._eval(trainer, store, s),
                           checkpoint_fn=lambda s: self._checkpoint(trainer, store),
-                          checkpoint_steps=steps, progress=lambda st, m: _progress(bar, cfg, st, m))
+                          checkpoint_steps=steps, progress=lambda st, m: _progress(bar, store, st, m))
         except StopTraining as stop:
             path = save_checkpoint(self.checkpoint_root, trainer, store)
             acc.end_training()
@@ -196,15 +207,17 @@ class LanguageModelCrosscoderTrainingRunner:
         if self.cfg.log_to_wandb:
             acc.log(_for_wandb(metrics), step=step)
 
-    def _eval(self, trainer: CrosscoderTrainer, store, step: int) -> dict:
-        metrics = evaluate(trainer.crosscoder, store, self.cfg.n_eval_batches, trainer.accelerator)
+    def _eval(self, trainer: CrosscoderTrainer, store, step: int, final: bool = False) -> dict:
+        # the weight-based max-cosine searches (O(d_sae^2 d)) only in the final evaluation
+        metrics = evaluate(trainer.crosscoder, store, self.cfg.n_eval_batches, trainer.accelerator,
+                           weight_metrics=final)
         self._log(trainer.accelerator, step, {f"eval/{k}": v for k, v in metrics.items()}, "eval_log.jsonl")
         return metrics
 
     # ------------------------------------------------------------------ final output
     def _finish(self, trainer: CrosscoderTrainer, store) -> Crosscoder:
         acc = trainer.accelerator
-        metrics = self._eval(trainer, store, trainer.state.step)
+        metrics = self._eval(trainer, store, trainer.state.step, final=True)
         metrics["num_processes"] = acc.num_processes
         metrics["distributed_type"] = acc.distributed_type.value
         final = consolidated_crosscoder(trainer)
@@ -214,19 +227,24 @@ class LanguageModelCrosscoderTrainingRunner:
             metrics.update({f"diff_latents/{k}": v for k, v in classify_latents(final).counts.items()})
             scaling = latent_scaling(final, _raw_eval_batches(store, self.cfg.n_eval_batches))
         if acc.is_main_process:
-            self._write_outputs(final, metrics, scaling)
+            self._write_outputs(final, metrics, store, scaling)
         acc.wait_for_everyone()
         acc.end_training()
         return final
 
-    def _write_outputs(self, final: Crosscoder, metrics: dict, scaling: LatentScaling | None = None) -> None:
+    def _write_outputs(self, final: Crosscoder, metrics: dict, store, scaling: LatentScaling | None = None) -> None:
         cfg, out = self.cfg, self.output_path
         (out / "runner_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        # numbers or null in metrics.json; the per-latent statistics in feature_stats.safetensors
+        (out / "metrics.json").write_text(json.dumps(json_metrics(metrics), indent=1))
+        save_file(feature_stats(metrics), str(out / FEATURE_STATS_FILE))
         _draw_plots(out, final, scaling)
         public = self._public_config(final)
         save_for_hub(final, out, metrics=scalar_metrics(metrics), run_config=dataclasses.asdict(public),
                      command=reproduce_command(public))
+        if cfg.dashboard:  # the saved (folded) crosscoder on the frozen model already loaded
+            make_dashboard(out, crosscoder=final, model=store.model, tokenizer=store.tokenizer,
+                           n_tokens=cfg.dashboard_tokens, device=str(final.W_dec.device))
         if cfg.push_to_hub:
             push_folder_to_hub(out, cfg.hf_repo_id, private=cfg.hub_private)
 
@@ -265,27 +283,48 @@ def _draw_plots(out: Path, crosscoder: Crosscoder, scaling: LatentScaling | None
 
 
 def _raw_eval_batches(store, n_batches: int):
-    """(acts_in, acts_out) of fresh tokens in raw scale (what a folded crosscoder takes), training positions."""
+    """(acts_in, acts_out) of the held-out eval tokens in raw scale (what a folded crosscoder takes), the
+    positions training uses."""
+    store.reset_eval_tokens()
     for _ in range(n_batches):
-        acts_in, acts_out, keep = store.activations_from_tokens(store.next_tokens())
+        acts_in, acts_out, keep = store.activations_from_tokens(store.next_eval_tokens())
         yield acts_in[keep] / store.scale_in[:, None], acts_out[keep] / store.scale_out[:, None]
 
 
-def _progress(bar, cfg: LanguageModelCrosscoderRunnerConfig, st, metrics: dict | None) -> None:
+@contextmanager
+def _phase(acc: Accelerator, what: str) -> Iterator[None]:
+    """A setup phase on the main process's stderr: what it does, then how long it took."""
+    t0 = time.perf_counter()
+    if acc.is_main_process:
+        print(f"{what} ...", file=sys.stderr, flush=True)
+    yield
+    if acc.is_main_process:
+        print(f"{what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def _progress(bar, store, st, metrics: dict | None) -> None:
     bar.update(st.n_tokens - bar.n)
     if metrics is not None:
         fvu = [v for k, v in metrics.items() if k.startswith("fvu/")]
+        # since the bar started: harvest = rows harvested per second of harvesting (all processes), train =
+        # tokens trained per second of everything else (the step, evals, checkpoints)
+        h0, rows0, t0, n0 = bar.harvest_start
+        harvest_s = store.harvest_seconds - h0
+        rows = (store.harvested_rows - rows0) * store.num_processes
+        train_s = max(time.perf_counter() - t0 - harvest_s, 1e-9)
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
-                        fvu=f"{sum(fvu) / max(len(fvu), 1):.3f}", refresh=False)
+                        fvu=f"{sum(fvu) / max(len(fvu), 1):.3f}",
+                        harvest=f"{rows / harvest_s:.3g} tok/s" if harvest_s > 0 else "-",
+                        train=f"{(st.n_tokens - n0) / train_s:.3g} tok/s", refresh=False)
 
 
 def _for_wandb(metrics: dict) -> dict:
     out = scalar_metrics(metrics)
     for key, value in metrics.items():
-        if key.endswith("feature_density_log10"):
+        if key.endswith("feature_density"):
             import wandb
 
-            out[key] = wandb.Histogram(value)
+            out[key + "_log10"] = wandb.Histogram(density_log10(value).tolist())
     return out
 
 

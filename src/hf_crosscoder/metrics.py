@@ -11,30 +11,41 @@ from torch import Tensor
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens is "dense" (a convention)
 DENSITY_EPS = 1e-10  # log10(density + eps): a latent that never fired sits at log10(eps) = -10
 DEAD_LOG10 = math.log10(DENSITY_EPS)
+FEATURE_STATS_FILE = "feature_stats.safetensors"  # per-latent eval statistics in a run's output folder
 
-# (card column, metrics key prefix; the key is f"{prefix}/{hook}")
+# (card column, metrics key prefix; the key is f"{prefix}/{hook}"): SAEBench's core names (evals.py)
 PER_HOOK_COLUMNS = (
-    ("FVU", "fvu_normalized"),
-    ("explained variance", "explained_variance_normalized"),
-    ("MSE", "mse_normalized"),
-    ("CE loss spliced", "ce_loss_spliced"),
-    ("CE loss zero-ablated", "ce_loss_zero_ablated"),
+    ("explained variance", "explained_variance"),
+    ("MSE (raw scale)", "mse"),
+    ("cossim", "cossim"),
+    ("L2 ratio", "l2_ratio"),
+    ("relative reconstruction bias", "relative_reconstruction_bias"),
+    ("CE loss with crosscoder", "ce_loss_with_sae"),
+    ("CE loss zero-ablated", "ce_loss_with_ablation"),
     ("CE loss score", "ce_loss_score"),
-    ("KL div (clean vs spliced)", "kl_div"),
+    ("KL div with crosscoder", "kl_div_with_sae"),
+    ("KL div score", "kl_div_score"),
 )
 SUMMARY_ROWS = (
-    ("FVU (all output hooks)", "fvu_normalized"),
-    ("explained variance (all output hooks)", "explained_variance_normalized"),
+    ("explained variance (all output hooks)", "explained_variance"),
     ("L0 (active latents per token)", "l0"),
-    ("dead fraction", "dead_fraction"),
-    (f"dense fraction (fires on > {DENSE_THRESHOLD:.0%} of tokens)", "dense_fraction"),
-    ("CE loss clean", "ce_loss_clean"),
+    ("L1 (sum of latent activations per token)", "l1"),
+    ("alive fraction (fired on an eval token)", "frac_alive"),
+    ("fraction firing on > 1% of tokens", "freq_over_1_percent"),
+    (f"fraction firing on > {DENSE_THRESHOLD:.0%} of tokens", "freq_over_10_percent"),
+    ("average max encoder cosine similarity", "average_max_encoder_cosine_sim"),
+    ("average max decoder cosine similarity", "average_max_decoder_cosine_sim"),
+    ("CE loss without crosscoder (clean)", "ce_loss_without_sae"),
+    ("eval tokens (held out)", "n_eval_tokens"),
     # every output hook spliced at once (several output hooks: a transcoder set's / CLT's replacement model)
-    ("CE loss, all output hooks spliced at once", "ce_loss_spliced_all"),
-    ("CE loss, all output hooks zero-ablated at once", "ce_loss_zero_ablated_all"),
+    ("CE loss, all output hooks spliced at once", "ce_loss_with_sae_all"),
+    ("CE loss, all output hooks zero-ablated at once", "ce_loss_with_ablation_all"),
     ("CE loss score, all output hooks at once", "ce_loss_score_all"),
-    ("KL div (clean vs all output hooks spliced)", "kl_div_all"),
+    ("KL div, all output hooks spliced at once", "kl_div_with_sae_all"),
 )
+# the card's model-index: (metrics key prefix, readable name); one entry per output hook and overall
+MODEL_INDEX_METRICS = (("explained_variance", "explained variance"), ("ce_loss_score", "CE loss score"),
+                       ("kl_div_score", "KL div score"), ("l0", "L0"))
 
 
 def density_log10(density: Tensor) -> Tensor:

@@ -18,12 +18,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
 
-from .data import TokenStream
-from .harvest import ActivationHarvester, check_context_size, checked_model_config, freeze, load_weights
+from .harvest import (
+    ActivationHarvester,
+    TokenRowsSource,
+    check_context_size,
+    checked_model_config,
+    freeze,
+    load_weights,
+)
 from .hooks import check_d_model, model_hidden_size
 
 
@@ -77,7 +82,7 @@ class MultiModelHarvester:
         return torch.cat([acts.to(self.out_device) for acts, _ in parts], dim=1), special
 
 
-class MultiModelActivationSource:
+class MultiModelActivationSource(TokenRowsSource):
     """Raw activation rows of `hook_names` from every model of `cfg.model_names`, on one token stream.
 
     `models` (one per name, with their shared `tokenizer`) default to loading `cfg.model_names` (checks
@@ -86,7 +91,7 @@ class MultiModelActivationSource:
 
     def __init__(self, cfg: Any, hook_names: Sequence[str], models: Sequence[nn.Module] | None = None,
                  tokenizer: Any = None, device: str | torch.device | None = None) -> None:
-        self.cfg, self.names, self.tokens = cfg, list(cfg.model_names), None
+        self.cfg, self.names = cfg, list(cfg.model_names)
         hooks = list(dict.fromkeys(hook_names))
         self.hook_names = [f"{m}/{h}" for m in self.names for h in hooks]
         if models is None:
@@ -125,24 +130,3 @@ class MultiModelActivationSource:
             check_d_model(model.config, self.cfg.d_model, name)
             check_context_size(model.config, self.cfg.context_size, name)
         return models
-
-    def _open_tokens(self, tokenizer: Any) -> None:
-        state = PartialState()
-        self.tokens = TokenStream(self.cfg, tokenizer, state.process_index, state.num_processes)
-
-    def next_chunk(self) -> tuple[Tensor, Tensor]:
-        """(rows [m, n_models * n_hooks, d_model] float32 raw, special-token mask [m]) of the next harvest."""
-        return self.harvester(self.next_tokens(), drop_special=self.cfg.exclude_special_tokens)
-
-    def next_tokens(self) -> Tensor:
-        """The next `store_batch_size_prompts` packed rows [n, context_size] (every model reads these)."""
-        return self.tokens.next_batch(self.cfg.store_batch_size_prompts).to(self.harvester.device)
-
-    def mean_norms(self) -> Tensor | None:
-        return None  # estimated by the store from the first chunks, per (model, hook)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.tokens.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.tokens.load_state_dict(state)

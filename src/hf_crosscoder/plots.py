@@ -1,6 +1,6 @@
 """Plots of a training run, drawn from the files in its output directory (PNG, next to the model).
 
-- `feature_density.png`: histogram of log10 latent firing frequency (final eval, `metrics.json`).
+- `feature_density.png`: histogram of log10 latent firing frequency (final eval, `feature_stats.safetensors`).
 - `decoder_norm_share.png`: the crosscoder signature: each latent's decoder-norm share per output
   layer, in normalized space, latents sorted by their main layer.
 - `layer_span.png`: how many output layers each latent spans (share > `SPAN_THRESHOLD` of its total).
@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from .checkpoints import latest_checkpoint
 from .config import layer_labels
-from .metrics import DENSE_THRESHOLD, is_dead_log10
+from .metrics import DENSE_THRESHOLD, FEATURE_STATS_FILE, density_log10, is_dead_log10
 from .modeling import Crosscoder
 
 logger = logging.getLogger(__name__)
@@ -57,13 +58,6 @@ def _save(fig, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- inputs
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def read_training_log(path: Path) -> list[dict]:
     """Rows of a jsonl log by step; a half-written last line (a run still writing) is skipped, and a
     step logged twice (a resumed run repeats the steps after its checkpoint) keeps its last row."""
@@ -201,18 +195,22 @@ def plot_training_curves(rows: list[dict], path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- entry points
-def _dead_latents(metrics: dict | None) -> torch.Tensor | None:
-    density = (metrics or {}).get("feature_density_log10")
-    return None if density is None else is_dead_log10(torch.tensor(density))
+def _read_density_log10(out: Path) -> torch.Tensor | None:
+    """log10 latent densities of the final eval (feature_stats.safetensors), None before it exists."""
+    path = out / FEATURE_STATS_FILE
+    if not path.is_file():
+        return None
+    density = load_file(str(path)).get("feature_density")
+    return None if density is None else density_log10(density)
 
 
-def _draw_signature(out: Path, crosscoder, metrics: dict | None) -> list[Path]:
+def _draw_signature(out: Path, crosscoder, density: torch.Tensor | None) -> list[Path]:
     hooks = layer_labels(crosscoder.config, "out")
     if len(hooks) < 2:
         logger.info("One output hook: no cross-layer decoder profile to plot.")
         return []
-    shares, dead, note = decoder_norm_shares(crosscoder).cpu(), _dead_latents(metrics), ""
-    alive = None
+    shares = decoder_norm_shares(crosscoder).cpu()
+    dead, note, alive = (None if density is None else is_dead_log10(density)), "", None
     if dead is not None and len(dead) == len(shares) and 0 < int(dead.sum()) < len(shares):
         # dead latents keep their random initial decoder (equal shares) and would blur the picture
         alive, note = ~dead, f"alive latents only ({int(dead.sum())} dead in the final eval left out)"
@@ -236,15 +234,15 @@ def draw_all(output_dir: str | Path, crosscoder: Any = None) -> list[Path]:
     if not out.is_dir():
         raise FileNotFoundError(f"{out} is not a directory; pass a run's output_path.")
     written: list[Path] = []
-    metrics = _read_json(out / "metrics.json")
-    if metrics is not None and "feature_density_log10" in metrics:
-        written.append(plot_feature_density(metrics["feature_density_log10"], out / DENSITY_FILE))
+    density = _read_density_log10(out)
+    if density is not None:
+        written.append(plot_feature_density(density.tolist(), out / DENSITY_FILE))
     else:
-        logger.info("No metrics.json with feature_density_log10 in %s (written when training ends): "
-                    "feature density plot skipped.", out)
+        logger.info("No %s with feature_density in %s (written when training ends): feature density plot "
+                    "skipped.", FEATURE_STATS_FILE, out)
     crosscoder = crosscoder if crosscoder is not None else load_crosscoder(out)
     if crosscoder is not None:
-        written += _draw_signature(out, crosscoder, metrics)
+        written += _draw_signature(out, crosscoder, density)
     else:
         logger.info("No model (config.json + model.safetensors) in %s or its checkpoints/: decoder "
                     "plots skipped.", out)
