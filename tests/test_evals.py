@@ -175,8 +175,11 @@ def test_causal_lm_detection_covers_gpt2_and_excludes_encoders():
     assert not evals.is_causal_lm(None)
 
 
-def _ce(logits, tokens):
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
+def _ce(logits, tokens, keep=None):
+    """Mean next-token CE over the predicted positions whose input token the evals count (`keep`)."""
+    per = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    counted = torch.ones_like(per) if keep is None else keep.view(*tokens.shape)[:, :-1].flatten().double()
+    return ((per * counted).sum() / counted.sum()).item()
 
 
 def test_all_output_hooks_spliced_at_once_match_a_naive_splice(tiny_model_dir, text_dataset_path):
@@ -185,8 +188,8 @@ def test_all_output_hooks_spliced_at_once_match_a_naive_splice(tiny_model_dir, t
     cfg, cc = _setup(tiny_model_dir, text_dataset_path, hook_names_in=["blocks.1.ln2.hook_normalized",
                      "blocks.2.ln2.hook_normalized"], hook_names_out=hooks, layer_structure="per_layer")
     metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1)
-    store = ActivationsStore(cfg, device="cpu")  # same seed: the same eval batch
-    tokens = store.next_tokens()
+    store = ActivationsStore(cfg, device="cpu")  # the same held-out eval batch
+    tokens = store.next_eval_tokens()
     acts_in, acts_out, keep = store.activations_from_tokens(tokens)
     recon = torch.zeros_like(acts_out)
     with torch.no_grad():
@@ -199,10 +202,11 @@ def test_all_output_hooks_spliced_at_once_match_a_naive_splice(tiny_model_dir, t
         with splice(store.model, {hooks[0]: torch.zeros_like, hooks[1]: torch.zeros_like}):
             zero = store.model(tokens).logits
         clean = store.model(tokens).logits
-    assert abs(metrics["ce_loss_with_sae_all"] - _ce(spliced, tokens)) < 1e-4
-    assert abs(metrics["ce_loss_with_ablation_all"] - _ce(zero, tokens)) < 1e-4
-    kl = F.kl_div(F.log_softmax(spliced[:, :-1], -1), F.log_softmax(clean[:, :-1], -1), log_target=True,
-                  reduction="sum").item() / (tokens.shape[0] * (tokens.shape[1] - 1))
+    assert abs(metrics["ce_loss_with_sae_all"] - _ce(spliced, tokens, keep)) < 1e-4
+    assert abs(metrics["ce_loss_with_ablation_all"] - _ce(zero, tokens, keep)) < 1e-4
+    counted = keep.view(*tokens.shape)[:, :-1, None].float()  # predictions from non-special input tokens
+    kl = (F.kl_div(F.log_softmax(spliced[:, :-1], -1), F.log_softmax(clean[:, :-1], -1), log_target=True,
+                   reduction="none") * counted).sum().item() / counted.sum().item()
     assert abs(metrics["kl_div_with_sae_all"] - kl) < 1e-4
     # replacing both hooks is not replacing either one
     assert metrics["kl_div_with_sae_all"] > max(metrics[f"kl_div_with_sae/{h}"] for h in hooks) + 1e-3
@@ -231,3 +235,48 @@ def test_all_at_once_splice_of_an_exact_and_a_zero_reconstruction(tiny_model_dir
         assert abs(metrics["ce_loss_with_sae_all"] - metrics["ce_loss_with_ablation_all"]) < 1e-6
         assert abs(metrics["ce_loss_score_all"]) < 1e-5
     assert abs(metrics["ce_loss_with_ablation_all"] - metrics["ce_loss_without_sae"]) > 1e-3  # ablating all matters
+
+
+@pytest.mark.parametrize("structure", ["cross_layer", "per_layer"])
+def test_closed_loop_replacement_model_equals_the_fixed_point_of_open_loop_splices(tiny_model_dir, text_dataset_path,
+                                                                                 structure):
+    """The closed-loop replacement model (each output rebuilt from the same forward's spliced inputs) against a
+    naive reference: open-loop splices iterated, each pass's reconstructions from the previous pass's inputs;
+    with L layers the inputs stop changing after L passes (layer i's input depends on outputs < i only)."""
+    L = 3
+    hooks_in = [f"blocks.{i}.ln2.hook_normalized" for i in range(L)]
+    hooks_out = [f"blocks.{i}.hook_mlp_out" for i in range(L)]
+    cfg, cc = _setup(tiny_model_dir, text_dataset_path, hook_names_in=hooks_in, hook_names_out=hooks_out,
+                     layer_structure=structure, d_sae=L * 16, architecture="topk_crosscoder", k=4)
+    with torch.no_grad():
+        cc.W_dec.mul_(20.0)  # reconstructions far from the truth, so that the loop visibly compounds
+    metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1, weight_metrics=False)
+    store = ActivationsStore(cfg, device="cpu")
+    tokens = store.next_eval_tokens()
+    _, _, keep = store.activations_from_tokens(tokens)
+    mask, model = keep.view(*tokens.shape, 1), store.model
+    with torch.no_grad():
+        def inputs_of(replacements):
+            seen = {}
+            capture = {h: (lambda a, h=h: seen.setdefault(h, a)) for h in hooks_in}
+            with splice(model, {**replacements, **capture}):
+                logits = model(tokens).logits
+            return torch.stack([seen[h] for h in hooks_in], 2).flatten(0, 1), logits
+
+        def outputs_from(x_raw):
+            recon = cc(x_raw * store.scale_in[:, None]).reconstruction / store.scale_out[:, None]
+            return {h: (lambda a, j=j: torch.where(mask, recon[:, j].view_as(a), a)) for j, h in enumerate(hooks_out)}
+
+        x, clean = inputs_of({})
+        for _ in range(L + 1):
+            x, logits = inputs_of(outputs_from(x))
+    assert abs(metrics["ce_loss_with_sae_replacement"] - _ce(logits, tokens, keep)) < 1e-4
+    # open loop (clean inputs) is another number: the loop compounds the errors
+    assert abs(metrics["ce_loss_with_sae_replacement"] - metrics["ce_loss_with_sae_all"]) > 1e-3
+    assert metrics["ce_loss_with_ablation_replacement"] == metrics["ce_loss_with_ablation_all"]
+
+
+def test_no_replacement_model_for_dense_or_shared_hooks(tiny_model_dir, text_dataset_path):
+    cfg, cc = _setup(tiny_model_dir, text_dataset_path)
+    metrics = evaluate(cc, ActivationsStore(cfg, device="cpu"), n_batches=1, weight_metrics=False)
+    assert "ce_loss_with_sae_all" in metrics and "ce_loss_with_sae_replacement" not in metrics

@@ -38,7 +38,11 @@ A model diff (`model_names`) splices each model with its own (model, hook) recon
 output hooks (one model) the CE/KL metrics are also taken with every output hook spliced at once in one
 forward (`*_all` keys: the "replacement model" score of a set of transcoders or a CLT; the reconstructions
 are those of the clean activations, not recomputed from the spliced forward's inputs), against every output
-hook zero-ablated at once.
+hook zero-ablated at once. For a CLT or a per-layer transcoder set whose input hooks are not output hooks,
+`*_replacement` keys are the closed-loop replacement model (circuit-tracer's): in one forward every output
+hook is replaced by the reconstruction computed from that same forward's (already spliced) input hooks, so
+errors compound through the layers as they do in an attribution graph's replacement model; NaN (null) if an
+output hook fires before an input its latents read.
 
 Per-latent statistics (`feature_density`, `max_encoder_cosine_sim`, `max_decoder_cosine_sim[/hook]`) are
 tensors in the returned dict: `feature_stats()` picks them (the runner writes feature_stats.safetensors),
@@ -88,6 +92,7 @@ class _Sums:
         self.kl_zero = torch.zeros(n_out, **z)
         # every output hook replaced at once (several output hooks, one model): spliced / zeroed CE, KLs
         self.ce_spliced_all, self.ce_zero_all, self.kl_all, self.kl_zero_all = (torch.zeros((), **z) for _ in range(4))
+        self.ce_replacement, self.kl_replacement = torch.zeros((), **z), torch.zeros((), **z)  # closed loop
         self.n_predicted = torch.zeros((), **z)
 
     def tensors(self) -> list[Tensor]:
@@ -119,6 +124,7 @@ def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None, we
     sums = _Sums(cfg.n_out, cfg.d_model, cfg.d_sae, crosscoder.W_dec.device, max(1, len(models)))
     causal = bool(models) and all(is_causal_lm(model) for model in models)
     hooks = list(cfg.hook_names_out)
+    closed = closed_loop_replacement(crosscoder, store.scale_in, store.scale_out) if len(models) == 1 else None
     for tokens, acts_in, acts_out, keep in _eval_batches(store, n_batches):
         out = crosscoder(acts_in[keep], acts_out[keep])
         _accumulate_reconstruction(sums, out, acts_out[keep])
@@ -127,16 +133,55 @@ def evaluate(crosscoder: Crosscoder, store, n_batches: int, accelerator=None, we
             recon[keep] = out.reconstruction.view_as(acts_out[keep]).to(recon.dtype)
             for m, model in enumerate(models):  # each model with its own (model, hook) reconstructions
                 layers = slice(m * len(hooks), (m + 1) * len(hooks))
-                _accumulate_ce(sums, model, store.scale_out[layers], hooks, tokens, recon[:, layers], keep, m)
+                _accumulate_ce(sums, model, store.scale_out[layers], hooks, tokens, recon[:, layers], keep, m,
+                               closed)
     if accelerator is not None and accelerator.num_processes > 1:
         for t in sums.tensors():
             t.copy_(accelerator.reduce(t, "sum"))
     crosscoder.train(was_training)
     metrics = _finish(sums, layer_labels(cfg, "out"), store.scale_out.double().to(sums.n.device), causal,
                       getattr(cfg, "model_names", None))
+    if causal and closed is not None:
+        n_pred = sums.n_predicted.clamp(min=1)
+        values = (sums.ce_replacement, sums.ce_zero_all, sums.kl_replacement, sums.kl_zero_all)
+        metrics.update(_scores(metrics["ce_loss_without_sae"], *((v / n_pred).item() for v in values), "_replacement"))
     if weight_metrics:
         metrics.update(cosine_metrics(crosscoder))
     return metrics
+
+
+def closed_loop_replacement(crosscoder: Crosscoder, scale_in: Tensor, scale_out: Tensor):
+    """For a cross_layer / per_layer crosscoder whose input and output hooks differ: `make(keep)` giving the
+    splice replacements of the closed-loop replacement model (inputs captured as the forward reaches them,
+    each output hook rebuilt from the inputs captured so far); None for other crosscoders."""
+    cfg = crosscoder.config
+    hooks_in, hooks_out = list(cfg.hook_names_in), list(cfg.hook_names_out)
+    if (cfg.layer_structure == "dense" or len(hooks_out) < 2 or set(hooks_in) & set(hooks_out)
+            or getattr(cfg, "model_names", None)):
+        return None
+    groups = crosscoder.structure.groups
+    reads = [{i for g in groups if j in g.hooks_out for i in g.hooks_in} for j in range(len(hooks_out))]
+
+    def make(keep: Tensor) -> dict:
+        captured: dict[int, Tensor] = {}
+
+        def capture(i: int):
+            return lambda act: captured.setdefault(i, act)
+
+        def rebuild(j: int):
+            def fn(act: Tensor) -> Tensor:
+                if not reads[j] <= captured.keys():  # an input this output's latents read comes later
+                    return torch.full_like(act, math.nan)
+                x = act.new_zeros(act.shape[0] * act.shape[1], len(hooks_in), act.shape[-1], dtype=torch.float32)
+                for i, a in captured.items():
+                    x[:, i] = a.reshape(len(x), -1).float() * scale_in[i]
+                raw = crosscoder(x.to(crosscoder.W_dec.dtype)).reconstruction[:, j] / scale_out[j]
+                return torch.where(keep[..., None], raw.view_as(act).to(act.dtype), act)
+            return fn
+
+        return {**{h: capture(i) for i, h in enumerate(hooks_in)}, **{h: rebuild(j) for j, h in enumerate(hooks_out)}}
+
+    return make
 
 
 def spliceable_models(store) -> list:
@@ -183,7 +228,7 @@ def _accumulate_reconstruction(sums: _Sums, out, y: Tensor) -> None:
 
 
 def _accumulate_ce(sums: _Sums, model, scale_out: Tensor, hooks: list[str], tokens: Tensor, recon_norm: Tensor,
-                   keep: Tensor, m: int = 0) -> None:
+                   keep: Tensor, m: int = 0, closed=None) -> None:
     """CE of clean `model` (the m-th), and with each of its output `hooks` replaced by the reconstruction
     (raw scale) or zeros; KL(clean || spliced) summed over the vocabulary, into the sums of output layers
     m * len(hooks), .... Excluded positions (BOS) keep their activation.
@@ -199,13 +244,13 @@ def _accumulate_ce(sums: _Sums, model, scale_out: Tensor, hooks: list[str], toke
     rows = max(1, LOGITS_CHUNK_ELEMENTS // (s * vocab))
     for i in range(0, b, rows):
         _accumulate_ce_rows(sums, model, scale_out.to(device), hooks, tokens[i:i + rows], recon[i:i + rows],
-                            keep[i:i + rows], m)
+                            keep[i:i + rows], m, closed)
     if m == 0:
         sums.n_predicted += keep[:, :-1].sum().to(sums.n_predicted)
 
 
 def _accumulate_ce_rows(sums: _Sums, model, scale_out: Tensor, hooks: list[str], tokens: Tensor, recon: Tensor,
-                        keep: Tensor, m: int) -> None:
+                        keep: Tensor, m: int, closed=None) -> None:
     kwargs, first = forward_kwargs(model), m * len(hooks)
     counted = keep[:, :-1].double()  # predicted positions whose input token is not special
 
@@ -236,6 +281,10 @@ def _accumulate_ce_rows(sums: _Sums, model, scale_out: Tensor, hooks: list[str],
         ce, kl = ce_and_kl(dict.fromkeys(hooks, torch.zeros_like))
         sums.ce_zero_all += ce
         sums.kl_zero_all += kl
+    if closed is not None:
+        ce, kl = ce_and_kl(closed(keep))
+        sums.ce_replacement += ce
+        sums.kl_replacement += kl
 
 
 def _next_token_logp(logits: Tensor) -> Tensor:

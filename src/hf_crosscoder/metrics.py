@@ -42,6 +42,10 @@ SUMMARY_ROWS = (
     ("CE loss, all output hooks zero-ablated at once", "ce_loss_with_ablation_all"),
     ("CE loss score, all output hooks at once", "ce_loss_score_all"),
     ("KL div, all output hooks spliced at once", "kl_div_with_sae_all"),
+    # the closed-loop replacement model (CLTs / per-layer transcoder sets: outputs rebuilt from spliced inputs)
+    ("CE loss, replacement model (closed loop)", "ce_loss_with_sae_replacement"),
+    ("CE loss score, replacement model (closed loop)", "ce_loss_score_replacement"),
+    ("KL div score, replacement model (closed loop)", "kl_div_score_replacement"),
 )
 # the card's model-index: (metrics key prefix, readable name); one entry per output hook and overall
 MODEL_INDEX_METRICS = (("explained_variance", "explained variance"), ("ce_loss_score", "CE loss score"),
