@@ -293,13 +293,20 @@ def _raw_eval_batches(store, n_batches: int):
 
 @contextmanager
 def _phase(acc: Accelerator, what: str) -> Iterator[None]:
-    """A setup phase on the main process's stderr: what it does, then how long it took."""
-    t0 = time.perf_counter()
+    """A setup phase on the main process's stderr: what it does while it runs (on a terminal; erased if it
+    fails, so that a user error stays one line), then how long it took."""
+    t0, live = time.perf_counter(), acc.is_main_process and sys.stderr.isatty()
+    if live:
+        print(f"{what} ...", end="", file=sys.stderr, flush=True)
+    try:
+        yield
+    except BaseException:
+        if live:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        raise
     if acc.is_main_process:
-        print(f"{what} ...", file=sys.stderr, flush=True)
-    yield
-    if acc.is_main_process:
-        print(f"{what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        print(f"{chr(13) if live else ''}{what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+              flush=True)
 
 
 def _progress(bar, store, st, metrics: dict | None) -> None:
