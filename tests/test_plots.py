@@ -99,6 +99,7 @@ def test_clt_target_shares_per_source_layer_against_a_loop():
 
 
 def test_clt_folder_gets_the_target_share_plot(tmp_path):
-    (tmp_path / "metrics.json").write_text(json.dumps({"feature_density_log10": [-10.0, -2, -1.5, -3, -0.5, -1]}))
+    density = torch.tensor([0.0, 1e-2, 3e-2, 1e-3, 0.3, 0.1])  # latent 0 dead: left out of the shares
+    save_file({"feature_density": density}, str(tmp_path / FEATURE_STATS_FILE))
     written = {p.name for p in draw_all(tmp_path, _clt())}
     assert written == {DENSITY_FILE, SIGNATURE_FILE, SPAN_FILE, TARGET_SHARE_FILE}
