@@ -16,6 +16,8 @@ FAMILIES = {  # architecture: extra config (TopK ranked by the raw pre-activatio
     "crosscoder": {},
     "skip_crosscoder": {},
     "topk_crosscoder": {"k": 3, "topk_ranking": "pre_activation"},
+    "batchtopk_crosscoder": {"k": 3, "topk_ranking": "pre_activation"},
+    "jumprelu_crosscoder": {"jumprelu_init_threshold": 0.3},
 }
 
 
@@ -56,6 +58,12 @@ def naive(cc: Crosscoder, structure: str, x: torch.Tensor) -> tuple[torch.Tensor
         if arch == "topk_crosscoder":  # per group: the k largest pre-activations, kept if positive
             keep = torch.zeros_like(f).scatter_(1, h.topk(cc.config.k, dim=1).indices, 1.0)
             f = f * keep
+        elif arch == "batchtopk_crosscoder":  # training: per group, the k * batch largest over the batch
+            flat = f.flatten()
+            keep = torch.zeros_like(flat).scatter_(0, flat.topk(cc.config.k * len(x)).indices, 1.0)
+            f = f * keep.view_as(f)
+        elif arch == "jumprelu_crosscoder":  # f = h where h > relu(theta)
+            f = h * (h > torch.relu(cc.theta[i * G:(i + 1) * G])).to(h.dtype)
         acts.append(f)
     recon = cc.b_dec.expand(len(x), L, D).clone()
     for i in range(L):
