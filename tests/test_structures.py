@@ -182,3 +182,24 @@ def test_a_clt_recovers_planted_features_that_write_to_several_later_layers():
         planted = torch.nn.functional.normalize(v[i].flatten(1), dim=-1)
         found += int(((planted @ group_dec.T).max(1).values >= 0.9).sum())  # [n_feat, G4] cosines
     assert found >= 0.9 * L * n_feat, f"recovered {found} of {L * n_feat}"
+
+
+@pytest.mark.parametrize("structure", ["cross_layer", "per_layer"])
+@pytest.mark.parametrize("arch", ["crosscoder", "skip_crosscoder"])
+def test_relu_loss_with_the_decoder_norm_penalty_summed_over_the_layers_a_latent_writes(structure, arch):
+    """The CLT decoder-norm L1 (Ameisen et al.): l1 * mean_b sum_s f_s * sum_{j written by s} ||W_dec[s, j]||,
+    and the gradient of the whole loss, against the naive loop."""
+    cc = make(structure, arch, l1_coefficient=0.7)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(B, L, D, generator=g, dtype=F64), torch.randn(B, L, D, generator=g, dtype=F64)
+    acts, recon = naive(cc, structure, x)
+    W_dec = cc.W_dec.reshape(-1, D)
+    dn = torch.stack([sum(W_dec[decoder_row(structure, i, s, t)].norm() for t in range(len(targets(structure, i))))
+                      for i in range(L) for s in range(G)])
+    want_sparsity = 0.7 * (acts * dn).sum(1).mean()
+    want_loss = (y - recon).pow(2).sum((0, 2)).div(B).sum() + want_sparsity
+    out = cc(x, y)
+    torch.testing.assert_close(out.losses["sparsity"], want_sparsity, rtol=1e-10, atol=0)
+    params = list(cc.parameters())
+    for a, b in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(want_loss, params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
