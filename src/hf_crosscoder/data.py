@@ -18,6 +18,7 @@ document is ever trained on, streaming or not, on any number of processes (shard
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -332,10 +333,8 @@ def train_and_eval_streams(cfg: Any, tokenizer: Any, process_index: int, num_pro
     if n_rows == 0:
         return TokenStream(cfg, tokenizer, process_index, num_processes, dataset), None
     probe = TokenStream(cfg, tokenizer, process_index, num_processes, dataset, max_epochs=1)
-    try:
+    with contextlib.suppress(StopIteration):  # shorter than the held-out rows: the training stream says so
         probe.next_batch(n_rows)
-    except StopIteration:
-        pass
     # the held-out rows end inside document doc_index (offset > 0) or just before it
     boundary = probe.doc_index + (1 if probe.offset else 0)
     return probe.restricted(start_doc=boundary), probe.restricted(end_doc=boundary)

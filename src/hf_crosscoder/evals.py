@@ -254,16 +254,18 @@ def _accumulate_ce_rows(sums: _Sums, model, scale_out: Tensor, hooks: list[str],
     kwargs, first = forward_kwargs(model), m * len(hooks)
     counted = keep[:, :-1].double()  # predicted positions whose input token is not special
 
+    def ce_of(logp: Tensor) -> Tensor:
+        return -(logp.gather(-1, tokens[:, 1:, None])[..., 0] * counted).sum().to(sums.ce_clean)
+
     def ce_and_kl(replacements: dict) -> tuple[Tensor, Tensor]:
         with splice(model, replacements):
             logp = _next_token_logp(model(tokens, **kwargs).logits)
-        ce = -(logp.gather(-1, tokens[:, 1:, None])[..., 0] * counted).sum()
         kl = ((clean_p * (clean_logp - logp)).sum(-1) * counted).sum()  # KL(clean || spliced)
-        return ce.to(sums.ce_clean), kl.to(sums.ce_clean)
+        return ce_of(logp), kl.to(sums.ce_clean)
 
     clean_logp = _next_token_logp(model(tokens, **kwargs).logits)
     clean_p = clean_logp.exp()
-    sums.ce_clean[m] -= (clean_logp.gather(-1, tokens[:, 1:, None])[..., 0] * counted).sum().to(sums.ce_clean)
+    sums.ce_clean[m] += ce_of(clean_logp)
     spliced = {}
     for j, hook in enumerate(hooks):
         raw = recon[:, :, j] / scale_out[j]

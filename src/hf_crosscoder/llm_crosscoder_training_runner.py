@@ -305,8 +305,8 @@ def _phase(acc: Accelerator, what: str) -> Iterator[None]:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         raise
     if acc.is_main_process:
-        print(f"{chr(13) if live else ''}{what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
-              flush=True)
+        back = "\r" if live else ""  # over the live line
+        print(f"{back}{what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def _progress(bar, store, st, metrics: dict | None) -> None:

@@ -112,10 +112,8 @@ def target_shares_by_group(crosscoder, alive: torch.Tensor | None = None) -> tor
     keep = torch.ones(len(shares), dtype=torch.bool) if alive is None else alive.cpu()
     rows = []
     for group in crosscoder.structure.groups:
-        mask = torch.zeros(len(shares), dtype=torch.bool)
-        mask[group.latents] = True
-        mask &= keep
-        rows.append(shares[mask].mean(0) if mask.any() else torch.zeros(shares.shape[1]))
+        alive_shares = shares[group.latents][keep[group.latents]]
+        rows.append(alive_shares.mean(0) if len(alive_shares) else torch.zeros(shares.shape[1]))
     return torch.stack(rows)
 
 
