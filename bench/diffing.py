@@ -52,6 +52,8 @@ def run(models: list[str], corpus: str, hooks: tuple[list[str], list[str]], a, o
     from hf_crosscoder import LanguageModelCrosscoderRunnerConfig, LanguageModelCrosscoderTrainingRunner
 
     names = {"model_name": models[0]} if len(models) == 1 else {"model_names": models}
+    if a.k_aux == "single":  # the diff's AuxK as wide as the single run's default (len(hooks_out) * d_model / 2)
+        names["k_aux"] = len(hooks[1]) * 512 // 2
     cfg = LanguageModelCrosscoderRunnerConfig(
         **names, dataset_path=corpus, d_model=512, architecture="topk_crosscoder", k=32,
         hook_names_in=hooks[0], hook_names_out=hooks[1], d_sae=a.d_sae, context_size=128,
@@ -73,14 +75,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--d-sae", type=int, default=16384)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results_diffing.json"))
+    p.add_argument("--k-aux", choices=("default", "single"), default="default",
+                   help="single: give the diff the single run's k_aux (the default doubles with the models)")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--only-diff", action="store_true", help="time the diff runs only (single from --out)")
     a = p.parse_args(argv)
     setup(a.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(tempfile.mkdtemp(prefix="bench_diffing_"))
     base, chat, corpus = build_pair(root)
+    earlier = json.loads(Path(a.out).read_text())["results"] if a.only_diff else {}
     results = {}
-    for shape, hooks in SHAPES.items():
-        one = run([base], corpus, hooks, a, root / "one")
+    for shape in a.shapes.split(","):
+        hooks = SHAPES[shape]
+        one = earlier[shape]["single"] if a.only_diff else run([base], corpus, hooks, a, root / "one")
         two = run([base, chat], corpus, hooks, a, root / "two")
         results[shape] = {"single": one, "diff": two, "ratio": two["tokens_per_s"] / one["tokens_per_s"]}
         print(json.dumps({shape: results[shape]}), flush=True)

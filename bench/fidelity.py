@@ -266,6 +266,11 @@ RUNS: dict[str, dict] = {
     "runner_decay": {"cfg": {"lr_decay_steps": 98, "lr_warmup_steps": 25}},
     "runner_noclip": {"cfg": {"max_grad_norm": 0.0}},
     "runner_noaux": {"cfg": {"aux_coefficient": 0.0}},
+    "runner_aux4x": {"cfg": {"aux_coefficient": 1 / 8}},
+    "runner_aux16x": {"cfg": {"aux_coefficient": 1 / 2}},
+    "runner_window10": {"cfg": {"dead_feature_window": 10}},
+    "runner_aux32x": {"cfg": {"aux_coefficient": 1.0}},
+    "runner_aux16x_decay": {"cfg": {"aux_coefficient": 1 / 2, "lr_decay_steps": 98, "lr_warmup_steps": 25}},
 }
 
 

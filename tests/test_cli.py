@@ -138,6 +138,35 @@ def test_help_is_grouped_by_the_config_groups(capsys):
     assert "--d_sae" in crosscoder and "--architecture" in crosscoder
 
 
+def test_help_fits_one_screen_per_group_and_shows_one_group_on_request(capsys):
+    from hf_crosscoder import ARCHITECTURES
+    from hf_crosscoder.config import ARG_GROUPS
+
+    with pytest.raises(SystemExit):
+        parse_runner_config(["--help"])
+    text = capsys.readouterr().out
+    bodies = text.split("\n\n")
+    from hf_crosscoder.cli import DEVICES
+
+    for title in [*(t for t, _ in ARG_GROUPS), DEVICES]:  # a heading, a one-sentence description, the flags
+        flags = bodies[[i for i, b in enumerate(bodies) if b.startswith(f"{title}:")][0] + 1]
+        assert len(flags.splitlines()) <= 50, (title, len(flags.splitlines()))
+    assert "--no_streaming" not in text and "--d-sae" not in text and "--d_sae INT " in text
+    devices = text[text.index(f"\n{DEVICES}:\n"):]
+    assert "--model_devices STR..." in devices and "accelerate launch" in devices and "--device STR" in devices
+    assert all(name in text for name in ARCHITECTURES)  # the registered choices are listed
+    assert parse_runner_config(["--hook_names_in", "h", "--hook_names_out", "h", "--no_streaming"]).streaming is False
+    with pytest.raises(SystemExit) as exit_info:
+        parse_runner_config(["--help", "training"])
+    assert exit_info.value.code == 0
+    one = capsys.readouterr().out
+    assert "\ntraining:\n" in one and "--lr FLOAT" in one and "--d_sae" not in one and "evaluation:" not in one
+    with pytest.raises(SystemExit) as exit_info:
+        parse_runner_config(["--help", "trainig"])
+    assert exit_info.value.code == 2
+    assert "no such group; use one of model, crosscoder" in capsys.readouterr().err
+
+
 def test_cli_silences_transformers_bars_and_deepspeed_cpu_warning(monkeypatch):
     import logging
 

@@ -39,6 +39,9 @@ def test_derived_sizes_and_defaults():
     assert cfg(d_sae=5).k_aux == 5  # capped at d_sae
     assert cfg(k_aux=7).k_aux == 7
     assert cfg(d_model=1).k_aux == 1  # never 0 (AuxK divides by it)
+    # a model diff: per output hook, not per (model, hook): the latents write every model at once
+    diff = cfg(model_names=["a", "b"])
+    assert diff.n_out == 6 and diff.k_aux == 3 * (8 // 2)
     assert cfg(d_in=16, d_out=24).d_in == 16  # consistent values are accepted
     assert c.activation_norm_folded is False and c.config_version == 1
     for f in dataclasses.fields(CrosscoderArgs):  # every hyper-parameter lives on the config

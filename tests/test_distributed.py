@@ -20,38 +20,46 @@ GLOBAL_BATCH = 64
 STEPS = 12
 
 
+# "diff": a model diff (two models' layers, model-major) with decoder vectors tied across the models for the
+# first latents, whose copies get the summed gradient: that sum and DDP's all-reduce must commute
+DIFF = dict(architecture="crosscoder", model_names=["base", "chat"], hook_names_in=["a"], hook_names_out=["a"],
+            n_shared_latents=8, shared_sparsity_scale=0.2)
+
+
 def _cfg(arch: str) -> LanguageModelCrosscoderRunnerConfig:
+    fields = DIFF if arch == "diff" else dict(architecture=arch, hook_names_in=["a", "b"], hook_names_out=["c"])
     return LanguageModelCrosscoderRunnerConfig(
-        architecture=arch, hook_names_in=["a", "b"], hook_names_out=["c"], d_model=8, d_sae=32, k=4,
-        training_tokens=GLOBAL_BATCH * STEPS, train_batch_size_tokens=GLOBAL_BATCH, lr=1e-2,
-        dead_feature_window=3, wandb_log_frequency=4, l1_coefficient=0.1)
+        **fields, d_model=8, d_sae=32, k=4, training_tokens=GLOBAL_BATCH * STEPS,
+        train_batch_size_tokens=GLOBAL_BATCH, lr=1e-2, dead_feature_window=3, wandb_log_frequency=4,
+        l1_coefficient=0.1)
 
 
-def _global_batches():
+def _global_batches(n_in: int, n_out: int):
     g = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
-        yield (torch.randn(GLOBAL_BATCH, 2, 8, generator=g, dtype=torch.float64),
-               torch.randn(GLOBAL_BATCH, 1, 8, generator=g, dtype=torch.float64))
+        yield (torch.randn(GLOBAL_BATCH, n_in, 8, generator=g, dtype=torch.float64),
+               torch.randn(GLOBAL_BATCH, n_out, 8, generator=g, dtype=torch.float64))
 
 
 def _train(arch: str, accelerator: Accelerator) -> dict:
     torch.manual_seed(0)
-    model = Crosscoder(_cfg(arch).crosscoder_config()).double()
+    config = _cfg(arch).crosscoder_config()
+    model = Crosscoder(config).double()
     with torch.no_grad():
-        model.b_enc[:6] = -50.0  # some latents never fire: the dead mask (and AuxK) must agree globally
+        model.b_enc[-6:] = -50.0  # some latents never fire: the dead mask (and AuxK) must agree globally
     trainer = CrosscoderTrainer(_cfg(arch), model, accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     share = GLOBAL_BATCH // world
     # test-only data order: the union of the per-process batches is the single-process batch
     local = ((x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share])
-             for x, y in _global_batches())
+             for x, y in _global_batches(config.n_in, config.n_out))
     trainer.train(local)
     state = {k: v.detach().clone() for k, v in trainer.crosscoder.state_dict().items()}
     state["steps_since_fired"] = trainer.state.steps_since_fired.clone()
     return state
 
 
-ARCHS = ["crosscoder", "topk_crosscoder", "jumprelu_crosscoder"]
+ARCHS = ["crosscoder", "topk_crosscoder", "jumprelu_crosscoder", "diff"]
 
 
 def two_process_worker(out_dir: str) -> None:
@@ -97,9 +105,12 @@ def test_two_processes_equal_one(arch, two_process_results):
     double = load_file(two_process_results / f"{arch}.safetensors")
     assert single.keys() == double.keys()
     assert torch.equal(single["steps_since_fired"], double["steps_since_fired"])
-    assert single["steps_since_fired"][:6].min() == STEPS
+    assert single["steps_since_fired"][-6:].min() == STEPS
     for key in single:
         torch.testing.assert_close(double[key], single[key], rtol=1e-10, atol=1e-12, msg=key)
+    if arch == "diff":  # the shared latents' decoder copies stayed identical across the models
+        W = double["W_dec"]  # [d_sae, n_models * n_hooks, d_model]
+        assert torch.equal(W[:8, 0], W[:8, 1]) and not torch.allclose(W[8:, 0], W[8:, 1])
 
 
 def _runner_config_file(path: Path, cfg) -> str:
@@ -134,6 +145,28 @@ def test_runner_two_processes_one_output_and_exact_resume(tiny_model_dir, text_d
                       "--config", _runner_config_file(tmp_path / "resumed.json", resumed))
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_runner_diff_on_two_processes(tiny_model_dir, documents, text_dataset_path, tmp_path):
+    """A model diff under DDP: each process harvests both models on its own token shard, one output."""
+    import json
+
+    from conftest import build_tokenizer
+    from helpers import make_runner_config
+    from test_multimodel import HOOKS, save_tiny
+
+    chat = save_tiny(tmp_path / "chat", build_tokenizer(documents))
+    cfg = make_runner_config(tiny_model_dir, text_dataset_path, model_names=[tiny_model_dir, chat], **HOOKS,
+                             architecture="topk_crosscoder", k=8, n_shared_latents=16, training_tokens=64 * 6,
+                             output_path=str(tmp_path / "out"))
+    accelerate_launch("accelerate_configs/cpu_2proc.yaml", "scripts/train.py",
+                      "--config", _runner_config_file(tmp_path / "diff.json", cfg))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and sum(v for k, v in metrics.items() if k.startswith("diff_latents/")) == 128
+    cc = Crosscoder.from_pretrained(tmp_path / "out")
+    assert cc.config.model_names == ["tiny_gpt_neox0", "chat"] and cc.config.n_out == 4
+    W = cc.W_dec.detach() * torch.tensor(cc.config.activation_scale_out)[None, :, None]  # training space
+    torch.testing.assert_close(W[:16, :2], W[:16, 2:], rtol=1e-5, atol=0)  # the shared latents stayed tied
 
 
 def _launch_runner(config_file: str, cfg, out: Path, cpu: bool) -> dict:

@@ -53,10 +53,17 @@ def test_trains_evaluates_saves_and_reloads(arch, tiny_model_dir, text_dataset_p
     torch.testing.assert_close(reloaded(acts_in).reconstruction, crosscoder.eval()(acts_in).reconstruction)
 
 
-def test_folded_model_on_raw_equals_training_model_on_normalized(tiny_model_dir, text_dataset_path, tmp_path):
+def test_folded_model_on_raw_equals_training_model_on_normalized(tiny_model_dir, text_dataset_path, tmp_path,
+                                                                  capsys):
+    from transformers.utils import logging as hf_logging
+
     cfg = make_runner_config(tiny_model_dir, text_dataset_path, output_path=str(tmp_path / "o"),
                              n_checkpoints=1)
+    hf_logging.enable_progress_bar()  # a library caller's setting: on
+    capsys.readouterr()
     folded = LanguageModelCrosscoderTrainingRunner(cfg).run().eval()
+    # the internal loads and saves (the LM, each checkpoint, the output folder) draw no transformers bars
+    assert "Writing model shards" not in capsys.readouterr().err and hf_logging.is_progress_bar_enabled()
     ckpt = tmp_path / "o" / "checkpoints" / f"step_{cfg.total_training_steps}"
     normalized = Crosscoder.from_pretrained(ckpt).eval()  # checkpoints hold the training-space model
     store = ActivationsStore(make_runner_config(tiny_model_dir, text_dataset_path,

@@ -11,6 +11,7 @@ from helpers import D_MODEL, N_LAYERS, make_documents, make_runner_config
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_crosscoder import (
+    CacheActivationsRunner,
     CacheActivationsRunnerConfig,
     Crosscoder,
     CrosscoderConfig,
@@ -145,18 +146,71 @@ def test_d_model_mismatch_refused_before_weights(tiny_model_dir, documents, text
         ActivationsStore(cfg, device="cpu")
 
 
-def test_cache_is_refused(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path):
-    cfg = diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path,
-                      cached_activations_path=str(tmp_path))
-    with pytest.raises(ValueError, match="drop cached_activations_path"):
-        ActivationsStore(cfg, device="cpu")
+def _diff_cache(tiny_model_dir, chat_model_dir, text_dataset_path, path, model_names=None):
+    cfg = CacheActivationsRunnerConfig(model_names=model_names or [tiny_model_dir, chat_model_dir], d_model=D_MODEL,
+                                       dataset_path=text_dataset_path, new_cached_activations_path=str(path),
+                                       context_size=32, store_batch_size_prompts=4, training_tokens=600,
+                                       shard_size_tokens=256, device="cpu", **HOOKS)
+    return CacheActivationsRunner(cfg).run()
 
 
-def test_cache_of_several_models_is_refused(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path):
-    with pytest.raises(ValueError, match="cache each model on its own"):
-        CacheActivationsRunnerConfig(model_names=[tiny_model_dir, chat_model_dir], d_model=D_MODEL,
-                                     dataset_path=text_dataset_path, new_cached_activations_path=str(tmp_path / "c"),
-                                     **HOOKS)
+def test_cache_holds_every_model_and_serves_the_live_rows(tiny_model_dir, chat_model_dir, text_dataset_path,
+                                                          tmp_path):
+    path = _diff_cache(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path / "c")
+    meta = json.loads((path / "metadata.json").read_text())
+    layers = [f"{m}/{h}" for m in (tiny_model_dir, chat_model_dir) for h in ["blocks.0.hook_resid_post",
+                                                                            "blocks.1.hook_resid_post",
+                                                                            "blocks.3.hook_resid_post"]]
+    assert meta["model_names"] == [tiny_model_dir, chat_model_dir] and meta["hook_names"] == layers
+    assert list(meta["mean_norms"]) == layers
+    # the cache holds the dataset from its start: the live diff without a held-out slice reads the same rows
+    live = ActivationsStore(diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path,
+                                        normalize_activations="none", eval_holdout_sequences=0))
+    cached = ActivationsStore(diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path,
+                                          normalize_activations="none", cached_activations_path=str(path)))
+    assert cached.hook_names == live.hook_names and cached.model is None
+    for _ in range(6):
+        assert all(torch.equal(a, b) for a, b in zip(cached.next_batch(), live.next_batch()))
+    # a diff of the models in another order reads the same tensors by name
+    swapped = ActivationsStore(diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path,
+                                           model_name=chat_model_dir, model_names=[chat_model_dir, tiny_model_dir],
+                                           normalize_activations="none", cached_activations_path=str(path)))
+    a_in, _ = swapped.next_batch()
+    b_in, _ = ActivationsStore(diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path,
+                                           normalize_activations="none", cached_activations_path=str(path))).next_batch()
+    assert torch.equal(a_in[:, :2], b_in[:, 2:]) and torch.equal(a_in[:, 2:], b_in[:, :2])
+
+
+def test_diff_trains_from_its_cache(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path):
+    path = _diff_cache(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path / "c")
+    cfg = diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path, cached_activations_path=str(path),
+                      architecture="topk_crosscoder", k=8, training_tokens=64 * 6)
+    LanguageModelCrosscoderTrainingRunner(cfg).run()
+    reloaded = Crosscoder.from_pretrained(tmp_path / "out")
+    assert reloaded.config.model_names == ["tiny_gpt_neox0", "chat"] and reloaded.config.n_in == 4
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert sum(v for k, v in metrics.items() if k.startswith("diff_latents/")) == cfg.d_sae
+    assert all(0 <= metrics[f"fvu/{label}"] < 2 for label in layer_labels(reloaded.config, "out"))
+    assert (tmp_path / "out" / "diff_beta_ratio.png").is_file()  # Latent Scaling on the cache's rows
+
+
+def test_cache_of_another_model_set_is_refused(tiny_model_dir, chat_model_dir, documents, text_dataset_path,
+                                               tmp_path):
+    diff_cache = _diff_cache(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path / "diff")
+    single_cache = CacheActivationsRunner(CacheActivationsRunnerConfig(
+        model_name=tiny_model_dir, d_model=D_MODEL, dataset_path=text_dataset_path, context_size=32,
+        store_batch_size_prompts=4, training_tokens=200, new_cached_activations_path=str(tmp_path / "one"),
+        device="cpu", **HOOKS)).run()
+    third = save_tiny(tmp_path / "third", build_tokenizer(documents), seed=3)
+    cases = [(make_runner_config(tiny_model_dir, text_dataset_path, cached_activations_path=str(diff_cache), **HOOKS),
+              "reads one model \\(no model_names\\)"),
+             (diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path,
+                          cached_activations_path=str(single_cache)), "holds one model"),
+             (diff_config(tiny_model_dir, chat_model_dir, text_dataset_path, tmp_path, model_names=[tiny_model_dir, third],
+                          cached_activations_path=str(diff_cache)), "for the same model_names")]
+    for cfg, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ActivationsStore(cfg, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------- runner

@@ -3,6 +3,8 @@ documented in structures.py, and a per-layer set against L separately trained si
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -18,7 +20,9 @@ FAMILIES = {  # architecture: extra config (TopK ranked by the raw pre-activatio
     "topk_crosscoder": {"k": 3, "topk_ranking": "pre_activation"},
     "batchtopk_crosscoder": {"k": 3, "topk_ranking": "pre_activation"},
     "jumprelu_crosscoder": {"jumprelu_init_threshold": 0.3},
+    "matryoshka_batchtopk_crosscoder": {"k": 3, "topk_ranking": "pre_activation", "matryoshka_widths": [2, 5, 8]},
 }
+MATRYOSHKA = "matryoshka_batchtopk_crosscoder"
 
 
 def make(structure: str, arch: str, seed: int = 0, **kw) -> Crosscoder:
@@ -58,7 +62,7 @@ def naive(cc: Crosscoder, structure: str, x: torch.Tensor) -> tuple[torch.Tensor
         if arch == "topk_crosscoder":  # per group: the k largest pre-activations, kept if positive
             keep = torch.zeros_like(f).scatter_(1, h.topk(cc.config.k, dim=1).indices, 1.0)
             f = f * keep
-        elif arch == "batchtopk_crosscoder":  # training: per group, the k * batch largest over the batch
+        elif arch in ("batchtopk_crosscoder", MATRYOSHKA):  # training: per group, the k * batch largest over the batch
             flat = f.flatten()
             keep = torch.zeros_like(flat).scatter_(0, flat.topk(cc.config.k * len(x)).indices, 1.0)
             f = f * keep.view_as(f)
@@ -203,3 +207,110 @@ def test_relu_loss_with_the_decoder_norm_penalty_summed_over_the_layers_a_latent
     params = list(cc.parameters())
     for a, b in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(want_loss, params)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------------------------------------- whole losses
+# Every sparsity family's whole training loss on both structures, term by term with every parameter's
+# gradient, against a loop over groups written from the layout and DESIGN.md's math: JumpReLU step and
+# tanh with the pre-activation loss on dead and on all latents, and the TopK family with dead latents feeding
+# AuxK (per group: the dead latents' top k_aux, the scale n_dead / (k_aux * L) capped at 1) and Matryoshka's
+# nested prefixes (latents [0, w) of every group).
+LOSS_CASES = [
+    ("jumprelu_crosscoder", {"jumprelu_sparsity": "step", "jumprelu_pre_act_latents": "dead"}),
+    ("jumprelu_crosscoder", {"jumprelu_sparsity": "tanh", "jumprelu_pre_act_latents": "all"}),
+    ("topk_crosscoder", {}),
+    ("batchtopk_crosscoder", {}),
+    (MATRYOSHKA, {}),
+]
+LOSS_HYPER = {"jumprelu_crosscoder": {"l1_coefficient": 0.4, "jumprelu_bandwidth": 0.5, "jumprelu_tanh_scale": 0.5,
+                                      "jumprelu_pre_act_coefficient": 0.7},
+              "topk": {"k_aux": 2, "aux_coefficient": 0.5}}
+
+
+def naive_terms(cc: Crosscoder, structure: str, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor) -> dict:
+    from test_kernels import JumpSTE, StepSTE  # the dense reference's straight-through estimators
+
+    c, arch = cc.config, cc.config.architecture
+    W_dec = cc.W_dec.reshape(-1, D)
+    dn = torch.stack([sum(W_dec[decoder_row(structure, i, s, t)].norm() for t in range(len(targets(structure, i))))
+                      for i in range(L) for s in range(G)])
+
+    def decode(acts: list[torch.Tensor], bias: bool = True) -> torch.Tensor:
+        out = cc.b_dec.expand(len(x), L, D).clone() if bias else x.new_zeros(len(x), L, D)
+        for i in range(L):
+            for t, j in enumerate(targets(structure, i)):
+                for s in range(G):
+                    out[:, j] = out[:, j] + acts[i][:, s:s + 1] * W_dec[decoder_row(structure, i, s, t)]
+        return out
+
+    def sq(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        return (target - recon).pow(2).sum((1, 2)).mean()
+
+    hs = [x[:, i] @ cc.W_enc[i] + cc.b_enc[i * G:(i + 1) * G] for i in range(L)]
+    lat = [slice(i * G, (i + 1) * G) for i in range(L)]
+    if arch == "jumprelu_crosscoder":
+        eps, theta = c.jumprelu_bandwidth, [torch.relu(cc.theta[g]) for g in lat]
+        acts = [JumpSTE.apply(h, t, eps) for h, t in zip(hs, theta)]
+        if c.jumprelu_sparsity == "step":
+            penalty = sum(StepSTE.apply(h, t, eps).sum(1) for h, t in zip(hs, theta)).mean()
+        else:
+            penalty = sum(torch.tanh(c.jumprelu_tanh_scale * f * dn[g]).sum(1) for f, g in zip(acts, lat)).mean()
+        which = dead if c.jumprelu_pre_act_latents == "dead" else torch.ones_like(dead)
+        pre = sum((torch.relu(t - h) * dn[g] * which[g].to(F64)).sum(1) for h, t, g in zip(hs, theta, lat)).mean()
+        return {"mse": sq(y, decode(acts)), "sparsity": c.l1_coefficient * penalty,
+                "pre_act": c.jumprelu_pre_act_coefficient * pre}
+    acts = []
+    for h in hs:  # ranked by the raw pre-activation (topk_ranking="pre_activation")
+        a = torch.relu(h)
+        if arch == "topk_crosscoder":
+            keep = torch.zeros_like(a).scatter_(1, h.topk(c.k, dim=1).indices, 1.0)
+        else:  # the BatchTopK family in training: the group's k * batch best over the batch
+            keep = torch.zeros_like(a).flatten().scatter_(0, a.flatten().topk(c.k * len(x)).indices, 1.0).view_as(a)
+        acts.append(a * keep)
+    recon = decode(acts)
+    err = (y - recon).detach()
+    aux_acts = []
+    for h, g in zip(hs, lat):
+        best = torch.relu(h).masked_fill(~dead[g], -math.inf)
+        keep = torch.zeros_like(h).scatter_(1, best.topk(c.k_aux, dim=1).indices, 1.0) * dead[g].to(F64)
+        aux_acts.append(torch.relu(h) * keep)
+    scale = min(int(dead.sum()) / (c.k_aux * L), 1.0)
+    terms = {"mse": sq(y, recon), "sparsity": x.new_zeros(()),
+             "aux": c.aux_coefficient * scale * sq(err, decode(aux_acts, bias=False))}
+    if arch == MATRYOSHKA:
+        terms["matryoshka"] = sum(sq(y, decode([f * (torch.arange(G) < w).to(F64) for f in acts]))
+                                  for w in c.matryoshka_widths[:-1])
+    return terms
+
+
+@pytest.mark.parametrize("structure", ["cross_layer", "per_layer"])
+@pytest.mark.parametrize("arch,opts", LOSS_CASES, ids=[f"{a}-{'-'.join(map(str, o.values()))}" for a, o in LOSS_CASES])
+def test_every_family_s_whole_loss_and_gradients_match_a_naive_loop(structure, arch, opts):
+    cc = make(structure, arch, **LOSS_HYPER.get(arch, LOSS_HYPER["topk"]), **opts)
+    g = torch.Generator().manual_seed(5)
+    if arch == "jumprelu_crosscoder":  # thresholds in the pre-activations' range, three at relu's flat part
+        with torch.no_grad():
+            cc.theta.copy_(torch.rand(L * G, generator=g, dtype=F64) * 1.2 + 0.05)
+            cc.theta[torch.randperm(L * G, generator=g)[:3]] *= -0.25
+    x, y = torch.randn(B, L, D, generator=g, dtype=F64), torch.randn(B, L, D, generator=g, dtype=F64)
+    dead = torch.zeros(L * G, dtype=torch.bool)
+    dead[torch.randperm(L * G, generator=g)[:5]] = True  # spread over the groups, fewer than k_aux in some
+    out = cc(x, y, dead_mask=dead)
+    want = naive_terms(cc, structure, x, y, dead)
+    got = {name: value for name, value in out.losses.items() if name != "mse_per_layer"}
+    assert set(got) == set(want)
+    params = list(cc.parameters())
+    for name in [*want, "loss"]:
+        w, h = (sum(want.values()), out.loss) if name == "loss" else (want[name], got[name])
+        torch.testing.assert_close(h, w, rtol=1e-10, atol=1e-14)
+        assert name == "sparsity" and arch != "jumprelu_crosscoder" or float(w.detach()) != 0, name  # each term is live
+        if not w.requires_grad:
+            continue
+        wants = torch.autograd.grad(w, params, retain_graph=True, allow_unused=True)
+        if name == "loss":  # every parameter (JumpReLU's theta through the STE window too) is trained
+            assert all(b is not None and float(b.abs().max()) > 0 for b in wants)
+        for a, b in zip(torch.autograd.grad(h, params, retain_graph=True, allow_unused=True), wants):
+            if b is None:
+                assert a is None or float(a.abs().max()) == 0, name
+            else:
+                torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, rtol=1e-9, atol=1e-11)

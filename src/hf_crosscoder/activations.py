@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .cache import CachedActivationsReader
-from .config import hook_union, layer_labels
+from .config import hook_union, layer_labels, stored_layers
 from .harvest import LMActivationSource, mean_norm_stats
 from .multimodel import MultiModelActivationSource
 
@@ -96,29 +96,18 @@ def _warn_if_buffer_mixes_poorly(buffer_rows: int, context_size: int) -> None:
 
 def activation_source(cfg: Any, hook_names: list[str], model: nn.Module | None = None, tokenizer: Any = None,
                       device: str | torch.device | None = None) -> Any:
-    """The source a config asks for: an activation cache (`cached_activations_path`, no model loaded), else
-    the language model (loaded from `model_name` unless given), or several on the same tokens (`model_names`:
-    model diffing; `model` may then be a list of models)."""
-    if getattr(cfg, "model_names", None) and cfg.cached_activations_path:
-        raise ValueError("an activation cache holds one model's activations; train a model diff (model_names) "
-                         "from the models directly (drop cached_activations_path).")
-    if getattr(cfg, "model_names", None):
-        return MultiModelActivationSource(cfg, hook_union(cfg.hook_names_in, cfg.hook_names_out), model,
-                                          tokenizer, device)
+    """The source a config asks for: an activation cache (`cached_activations_path`, no model loaded; one
+    written for the same `model_names` when diffing), else the language model (loaded from `model_name` unless
+    given), or several on the same tokens (`model_names`: model diffing; `model` may then be a list of models)."""
     if cfg.cached_activations_path:
         state = PartialState()
         return CachedActivationsReader(cfg.cached_activations_path, hook_names, cfg.d_model, state.process_index,
                                        state.num_processes, cfg.store_batch_size_prompts * cfg.context_size,
-                                       cfg.exclude_special_tokens)
+                                       cfg.exclude_special_tokens, getattr(cfg, "model_names", None))
+    if getattr(cfg, "model_names", None):
+        return MultiModelActivationSource(cfg, hook_union(cfg.hook_names_in, cfg.hook_names_out), model,
+                                          tokenizer, device)
     return LMActivationSource(cfg, hook_names, model, tokenizer, device)
-
-
-def stored_layers(cfg: Any) -> list[str]:
-    """The layers a store holds, each once: the hooks read or written (inputs first), per model (model-major,
-    `model/hook`) when `cfg.model_names` lists several."""
-    hooks = hook_union(cfg.hook_names_in, cfg.hook_names_out)
-    names = getattr(cfg, "model_names", None)
-    return [f"{m}/{h}" for m in names for h in hooks] if names else hooks
 
 
 class ActivationsStore:

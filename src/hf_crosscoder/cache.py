@@ -2,14 +2,18 @@
 
 Layout of `new_cached_activations_path`:
 
-- `shard_{process:05d}_{index:05d}.safetensors`: one tensor per hook, named by the hook, [tokens,
+- `shard_{process:05d}_{index:05d}.safetensors`: one tensor per hook, named by the hook (for a model diff,
+  `model_names`, one per model and hook, named `model/hook`: every model read on the same tokens), [tokens,
   d_model] in raw scale and the config's dtype, plus `is_special` [tokens] (bool: BOS/EOS/PAD
   positions; absent rows if the cache was written with exclude_special_tokens). Rows are in stream
   order (packed sequences, row-major). Each shard is written under a temporary name and renamed, so a
   file with the final name is always complete.
-- `metadata.json`, written last (by the main process): model, hooks, d_model, context size, dtype,
+- `metadata.json`, written last (by the main process): model (and model_names), hooks, d_model, context size, dtype,
   token count, per-hook mean norm over non-special positions (the normalization statistic), and the
   list of shards with their token counts. A directory without it is an incomplete cache.
+
+A reader refuses a cache of another model set: a diff's cache for a single-model run and the reverse, and
+a diff of models the cache does not hold (a subset of its models reads fine: every model saw the same tokens).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import HarvestArgs, arg, check_positive, hook_union, torch_dtype
+from .config import HarvestArgs, arg, check_positive, hook_union, stored_layers, torch_dtype
 from .data import TokenStream
 from .harvest import ActivationHarvester, load_model_and_tokenizer, mean_norm_stats
+from .multimodel import MultiModelHarvester, checked_models, load_models
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +60,15 @@ class CacheActivationsRunnerConfig(HarvestArgs):
             raise ValueError("new_cached_activations_path is required: the directory to write the cache to.")
         super().__post_init__()
         check_positive(self, ("shard_size_tokens",))
-        if self.model_names:
-            raise ValueError("an activation cache holds one model's activations (model_names is model diffing); "
-                             "cache each model on its own with model_name, or train the diff from the models.")
 
     @property
     def hook_names(self) -> list[str]:
         return hook_union(self.hook_names_in, self.hook_names_out)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The tensors of each shard: the hooks, or with model_names every model's hooks as `model/hook`."""
+        return stored_layers(self)
 
 
 def _check_output_dir(path: Path) -> None:
@@ -75,7 +82,7 @@ class _ShardWriter:
 
     def __init__(self, root: Path, process_index: int, cfg: CacheActivationsRunnerConfig) -> None:
         self.root, self.process_index, self.size = root, process_index, cfg.shard_size_tokens
-        self.hook_names, dtype = cfg.hook_names, torch_dtype(cfg.dtype)
+        self.hook_names, dtype = cfg.layer_names, torch_dtype(cfg.dtype)
         self.buffers = [torch.empty(self.size, cfg.d_model, dtype=dtype) for _ in self.hook_names]
         self.special = torch.empty(self.size, dtype=torch.bool)
         self.n, self.shards = 0, []  # rows in the open shard; (file, tokens) of the written ones
@@ -133,18 +140,15 @@ class CacheActivationsRunner:
         cfg, state = self.cfg, PartialState()
         root = Path(cfg.new_cached_activations_path)
         _check_output_dir(root)  # on every process, so none waits for one that failed
-        model, tokenizer, self._tokens = self.model, self.tokenizer, None
-        if model is None:  # the dataset is opened (and checked) before the weights load
-            model, tokenizer = load_model_and_tokenizer(cfg, cfg.device or state.device,
-                                                        before_weights=self._open_tokens)
-        harvester = ActivationHarvester(model, tokenizer, cfg.hook_names, cfg)
+        self._tokens = None
+        harvester, tokenizer = self._harvester(cfg.device or state.device)
         tokens = self._tokens or self._open_tokens(tokenizer)
         if state.is_main_process:  # only once the model, hooks and data passed their checks
             root.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
         writer = _ShardWriter(root, state.process_index, cfg)
         target = _share(cfg.training_tokens, state.process_index, state.num_processes)
-        sums = torch.zeros(len(cfg.hook_names), dtype=torch.float64, device=harvester.device)
+        sums = torch.zeros(len(cfg.layer_names), dtype=torch.float64, device=harvester.device)
         count = torch.zeros((), dtype=torch.float64, device=harvester.device)
         while writer.n_written < target:
             acts, special = harvester(tokens.next_batch(cfg.store_batch_size_prompts))
@@ -158,6 +162,21 @@ class CacheActivationsRunner:
         self._write_metadata(root, writer.shards, reduce(sums, "sum"), reduce(count, "sum"), state)
         return root
 
+    def _harvester(self, device: Any) -> tuple[Any, Any]:
+        """(the harvester of the model, or of every model of model_names on the same tokens, the tokenizer);
+        the models load unless given, the dataset opened (and checked) before their weights."""
+        cfg, model, tokenizer = self.cfg, self.model, self.tokenizer
+        if not cfg.model_names:
+            if model is None:
+                model, tokenizer = load_model_and_tokenizer(cfg, device, before_weights=self._open_tokens)
+            return ActivationHarvester(model, tokenizer, cfg.hook_names, cfg), tokenizer
+        if model is None:
+            models, tokenizer = load_models(cfg, device, before_weights=self._open_tokens)
+        else:
+            models = checked_models(cfg, model, tokenizer)
+        harvesters = [ActivationHarvester(m, tokenizer, cfg.hook_names, cfg) for m in models]
+        return MultiModelHarvester(harvesters, device), tokenizer
+
     def _write_metadata(self, root: Path, shards: list[dict], sums: Tensor, count: Tensor,
                         state: PartialState) -> None:
         all_shards = gather_object(shards)
@@ -165,9 +184,10 @@ class CacheActivationsRunner:
             cfg = self.cfg
             means = (sums / count.clamp(min=1)).tolist()
             meta = {"format_version": CACHE_FORMAT_VERSION, "model_name": cfg.model_name,
-                    "hook_names": cfg.hook_names, "d_model": cfg.d_model, "context_size": cfg.context_size,
-                    "n_tokens": sum(s["tokens"] for s in all_shards), "dtype": cfg.dtype,
-                    "mean_norms": dict(zip(cfg.hook_names, means)), "shards": all_shards, "config": asdict(cfg)}
+                    "model_names": cfg.model_names, "hook_names": cfg.layer_names, "d_model": cfg.d_model,
+                    "context_size": cfg.context_size, "n_tokens": sum(s["tokens"] for s in all_shards),
+                    "dtype": cfg.dtype, "mean_norms": dict(zip(cfg.layer_names, means)), "shards": all_shards,
+                    "config": asdict(cfg)}
             tmp = root / f".{METADATA}.tmp"
             tmp.write_text(json.dumps(meta, indent=1))
             os.replace(tmp, root / METADATA)
@@ -187,6 +207,18 @@ def read_cache_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _check_models(meta: dict[str, Any], path: str | os.PathLike, model_names: list[str] | None) -> None:
+    """A cache serves a run of the same model set: one model, or (model diffing) models it holds."""
+    cached = meta.get("model_names")
+    if model_names is None and cached is None:
+        return
+    if model_names is None or cached is None or not set(model_names) <= set(cached):
+        holds = f"the models {cached}" if cached else f"one model ({meta['model_name']})"
+        runs = f"diffs {list(model_names)}" if model_names else "reads one model (no model_names)"
+        raise ValueError(f"activation cache {path} holds {holds}, but this run {runs}; write a cache with "
+                         "CacheActivationsRunner for the same model_names (or none), or train without the cache.")
+
+
 def _check_metadata(meta: dict[str, Any], path: str | os.PathLike, hook_names: list[str], d_model: int) -> None:
     missing = [h for h in hook_names if h not in meta["hook_names"]]
     if missing or meta["d_model"] != d_model:
@@ -203,8 +235,10 @@ class CachedActivationsReader:
     memory-mapped safetensors files (a shard is never loaded whole). Position: (epoch, shard, row)."""
 
     def __init__(self, path: str | os.PathLike, hook_names: list[str], d_model: int, process_index: int,
-                 num_processes: int, chunk_rows: int, exclude_special: bool) -> None:
+                 num_processes: int, chunk_rows: int, exclude_special: bool,
+                 model_names: list[str] | None = None) -> None:
         meta = read_cache_metadata(path)
+        _check_models(meta, path, model_names)
         _check_metadata(meta, path, hook_names, d_model)
         # what the rows were harvested from: a crosscoder trained on them records this, not the run's defaults
         self.provenance = {"model_name": meta["model_name"], "context_size": meta["context_size"],

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cli import no_progress_bars
 from .trainer import CrosscoderTrainer
 
 REQUIRED = ("config.json", "model.safetensors", "trainer_state.json", "trainer_state.safetensors", "accelerate")
@@ -52,7 +53,8 @@ def save_checkpoint(root: str | os.PathLike, trainer: CrosscoderTrainer, store) 
     state = acc.get_state_dict(trainer.model)  # collective: full tensors under FSDP / ZeRO-3 too
     acc.wait_for_everyone()  # every process's files are in tmp before the main process renames it
     if acc.is_main_process:
-        trainer.crosscoder.save_pretrained(tmp, state_dict=state)
+        with no_progress_bars():
+            trainer.crosscoder.save_pretrained(tmp, state_dict=state)
         save_file(st.tensors(), tmp / "trainer_state.safetensors")
         meta = {**st.scalars(), "num_processes": acc.num_processes, "history": st.history}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))

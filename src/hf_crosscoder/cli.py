@@ -13,8 +13,10 @@ import difflib
 import json
 import logging
 import shlex
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,7 +24,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from .config import ARG_GROUPS, LanguageModelCrosscoderRunnerConfig
+from .config import ARG_GROUPS, CONFIG_CHECKS, LanguageModelCrosscoderRunnerConfig
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,6 +49,50 @@ class _Parser(HfArgumentParser):
         raise SystemExit(2)
 
 
+class _CompactHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """One flag per line where it fits: the underscore spelling only (the dashed alias and the `--no_*`
+    complement of a boolean still parse, unlisted), the value's type as its metavar, help text beside it."""
+
+    def __init__(self, prog: str) -> None:
+        width = min(shutil.get_terminal_size((110, 24)).columns, 120)
+        super().__init__(prog, max_help_position=34, width=width)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return ", ".join(action.option_strings) or super()._format_action_invocation(action)
+        return f"{action.option_strings[0]} {action.metavar or _metavar(action)}"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # a None default is "unset" (the help says what happens then): no "(default: None)"
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _metavar(action: argparse.Action) -> str:
+    if action.choices:
+        return "{" + ",".join(map(str, action.choices)) + "}"
+    name = getattr(action.type, "__name__", "value")
+    kind = {"string_to_bool": "BOOL", "int": "INT", "float": "FLOAT", "str": "STR"}.get(name, name.upper())
+    return f"{kind}..." if action.nargs in ("+", "*") else kind
+
+
+def _tidy_help(parser: argparse.ArgumentParser) -> None:
+    """Hide the `--no_*` complements (the description names them once) and list the registered choices of
+    fields that other modules fill (architecture, layer_structure)."""
+    for action in parser._actions:
+        if any(o.startswith("--no_") for o in action.option_strings) and len(action.option_strings) <= 2:
+            action.help = argparse.SUPPRESS
+        elif action.dest in CONFIG_CHECKS and CONFIG_CHECKS[action.dest] and action.help:
+            action.help = f"{action.help} One of: {', '.join(CONFIG_CHECKS[action.dest])}."
+
+
+# where things run: a group of its own in --help, whichever config dataclass declares the fields
+DEVICES = "devices and distributed"
+DEVICE_FLAGS = ("device", "model_devices", "dtype", "autocast_lm", "autocast", "compile_llm", "compile_crosscoder")
+DEVICES_HELP = ("Data parallelism, FSDP and DeepSpeed ZeRO come from `accelerate launch --config_file "
+                "accelerate_configs/<multi_gpu|fsdp|deepspeed_zero2|...>.yaml scripts/train.py ...`, not from flags; "
+                "batch sizes and training_tokens are global, so 1 and N processes train alike.")
+
+
 def _group_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """Move each field's flag into the argument group of the config dataclass that declares it
     (config.ARG_GROUPS); the fields of `cls` itself (d_sae, expansion_factor) join the crosscoder group."""
@@ -54,13 +100,43 @@ def _group_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     if not groups:
         return
     owner = {f.name: title for title, dc in reversed(groups) for f in dataclasses.fields(dc)}
-    made = {title: parser.add_argument_group(title, (dc.__doc__ or "").strip()) for title, dc in groups}
+    made = {title: parser.add_argument_group(title, _first_sentence(dc.__doc__)) for title, dc in groups}
     fallback = next((t for t, dc in groups if dc.__name__ == "CrosscoderArgs"), groups[0][0])
+    if any(f.name in DEVICE_FLAGS for f in dataclasses.fields(cls)):
+        made[DEVICES] = parser.add_argument_group(DEVICES, DEVICES_HELP)
+        owner.update(dict.fromkeys(DEVICE_FLAGS, DEVICES))
     for action in list(parser._optionals._group_actions):
         if action.dest in ("help", "config"):
             continue
         parser._optionals._group_actions.remove(action)
         made[owner.get(action.dest, fallback)]._group_actions.append(action)
+
+
+def _flag_groups(parser: argparse.ArgumentParser) -> list:
+    return [g for g in parser._action_groups if g._group_actions and g.title not in ("options", "positional arguments")]
+
+
+def _group_key(title: str) -> str:
+    return title.split()[0].strip(",").lower()
+
+
+def _show_one_group(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`--help GROUP`: the help of that group alone (one screen), then exit."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-h", "--help") and not argv[i + 1].startswith("-"):
+            keys = {_group_key(g.title): g for g in _flag_groups(parser)}
+            if argv[i + 1].lower() not in keys:
+                parser.error(f"--help {argv[i + 1]}: no such group; use one of {', '.join(keys)}")
+            keep = keys[argv[i + 1].lower()]
+            parser._action_groups = [g for g in parser._action_groups if g is keep]
+            parser.description = None
+            parser.print_help()
+            raise SystemExit(0)
+
+
+def _first_sentence(doc: str | None) -> str:
+    text = " ".join((doc or "").split())
+    return text.split(". ")[0].rstrip(".") + "." if text else ""
 
 
 def _unknown_flag_error(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
@@ -77,6 +153,19 @@ def _unknown_flag_error(parser: argparse.ArgumentParser, unknown: list[str]) -> 
         message = f"unexpected argument {flag!r} (--help lists the flags)"
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' 'Loading weights' / 'Writing model shards' bars off for one internal load or save (a
+    checkpoint, the output folder): noise around our own progress bar; the caller's setting comes back."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def silence_internal_noise(progress_bars: bool = True) -> None:
@@ -99,11 +188,17 @@ def parse_dataclass(cls: type[T], argv: list[str] | None = None) -> T:
     """Parse `argv` (default sys.argv[1:]) into `cls`, honouring `--config FILE`; an unknown flag exits
     with one line naming the nearest known one."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(cls, allow_abbrev=False)  # an abbreviation is a typo to report, not a guess
+    parser = _Parser(cls, allow_abbrev=False, formatter_class=_CompactHelp)  # an abbreviation is a typo, not a guess
+    _tidy_help(parser)
     # the full usage line lists every flag (~70 lines): --help shows them by group instead
     parser.usage = "%(prog)s --model_name M --hook_names_in H... --hook_names_out H... [flags] (--help: all flags)"
     _group_flags(parser, cls)
-    parser.add_argument("--config", default=None, help="A yaml or json file of field values; flags override it.")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="A yaml or json file of field values; flags override it.")
+    parser.description = ("A boolean flag takes True or False (--no_FLAG sets False); a list flag takes several "
+                          "values. `--help GROUP` shows one group (its first word: " +
+                          ", ".join(_group_key(g.title) for g in _flag_groups(parser)) + ").")
+    _show_one_group(parser, argv)
     if "--config" in argv:
         i = argv.index("--config")
         values = _read_config_file(argv[i + 1])

@@ -51,6 +51,14 @@ def layer_labels(c: Any, side: str) -> list[str]:
     return [f"{m}/{h}" for m in names for h in hooks] if names else hooks
 
 
+def stored_layers(c: Any) -> list[str]:
+    """The layers a store (or an activation cache) holds, each once: the hooks read or written (inputs first),
+    per model (model-major, `model/hook`) when `c.model_names` lists several."""
+    hooks = hook_union(c.hook_names_in, c.hook_names_out)
+    names = getattr(c, "model_names", None)
+    return [f"{m}/{h}" for m in names for h in hooks] if names else hooks
+
+
 def validate_model_names(c: Any) -> None:
     """model_names (model diffing): None, or two or more distinct names, on the dense structure only."""
     names = getattr(c, "model_names", None)
@@ -97,7 +105,7 @@ class CrosscoderArgs(HookArgs):
     """Architecture hyper-parameters shared by `CrosscoderConfig` and the training runner's config."""
 
     architecture: str = arg("crosscoder", "Sparsity family, a registered architecture (hf_crosscoder."
-                            "ARCHITECTURES; --help lists them).")
+                            "ARCHITECTURES).")
     layer_structure: str = arg("dense", "Which latents read and write which hooks: 'dense' (all to all), "
                                "'cross_layer' (a CLT: latent group i reads input hook i, writes output hooks "
                                "i..L-1) or 'per_layer' (group i reads input hook i, writes output hook i).")
@@ -117,8 +125,12 @@ class CrosscoderArgs(HookArgs):
                             "'pre_activation' = raw h (SAELens with rescale_acts_by_decoder_norm=False, "
                             "sparsify).")
     k_aux: int | None = arg(None, "Dead latents used by the AuxK loss per token (per layer group); default "
-                            "d_model // 2 per output hook (dense: n_out * d_model // 2), capped at d_sae.")
-    aux_coefficient: float = arg(1 / 32, "Weight of the AuxK loss (TopK/BatchTopK).")
+                            "d_model // 2 per output hook (dense: len(hook_names_out) * d_model // 2, the same "
+                            "for a model diff), capped at d_sae.")
+    aux_coefficient: float = arg(0.5, "Weight of the AuxK loss (TopK/BatchTopK), on the same summed squared "
+                                 "error as the MSE (SAELens's form; its default is 1.0). OpenAI's 1/32 weights MSEs "
+                                 "normalized by their own variance, which makes AuxK several times stronger; 1/32 "
+                                 "here left 12% of latents dead (BENCHMARKS.md, fidelity).")
     jumprelu_init_threshold: float = arg(0.01, "Initial JumpReLU threshold (0.1 for the tanh recipe).")
     jumprelu_bandwidth: float = arg(0.05, "Width of the rectangle kernel of the straight-through "
                                     "estimator (2.0 for the tanh recipe).")
@@ -269,7 +281,9 @@ class CrosscoderConfig(PretrainedConfig):
                 raise ValueError(f"{name}={given} does not match {times} * len({hooks}) = {derived}; "
                                  f"drop {name} (it is derived) or fix d_model / {hooks}.")
         if self.k_aux is None:  # per group of latents: a layered structure's group writes one hook or more
-            groups, hooks = (1, self.n_out) if self.layer_structure == "dense" else (self.n_in, 1)
+            # a model diff's latents write every model at once: k_aux per hook, not per (model, hook), so AuxK
+            # costs a diff what the rest does (2x for 2 models), not 4x (BENCHMARKS.md, model diffing)
+            groups, hooks = (1, len(self.hook_names_out)) if self.layer_structure == "dense" else (self.n_in, 1)
             self.k_aux = min(self.d_sae // groups, max(1, hooks * (self.d_model // 2)))  # d_model 1: not 0
 
     @classmethod

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
 from transformers.integrations import deepspeed as hf_deepspeed
 
+from .cli import no_progress_bars
 from .config import torch_dtype
 from .data import special_token_mask, train_and_eval_streams
 from .hooks import capture_activations, check_d_model, find_layers, resolve_hook
@@ -49,18 +50,6 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-@contextmanager
-def no_progress_bars() -> Iterator[None]:
-    """transformers' 'Loading weights' bar off for one internal load (the caller's setting comes back)."""
-    enabled = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            transformers.utils.logging.enable_progress_bar()
 
 
 @contextmanager

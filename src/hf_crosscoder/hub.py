@@ -30,7 +30,7 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
-from .cli import reproduce_command
+from .cli import no_progress_bars, reproduce_command
 from .config import CrosscoderConfig, LanguageModelCrosscoderRunnerConfig, hook_union, layer_labels
 from .metrics import MODEL_INDEX_METRICS, PER_HOOK_COLUMNS, SUMMARY_ROWS
 from .naming import public_dataset_name, public_model_name
@@ -368,7 +368,8 @@ def save_for_hub(crosscoder: Any, folder: str | Path, metrics: Mapping[str, Any]
                          "crosscoder.fold_activation_norm_scaling(config.activation_scale_in, "
                          "config.activation_scale_out) before saving it for the Hub.")
     folder = Path(folder)
-    crosscoder.save_pretrained(folder)
+    with no_progress_bars():
+        crosscoder.save_pretrained(folder)
     plots = sorted(p.name for p in folder.glob("*.png"))
     card = build_model_card(crosscoder, metrics, run_config, plots, command, repo_id=repo_id,
                             subfolder=subfolder)

@@ -284,11 +284,15 @@ def _draw_plots(out: Path, crosscoder: Crosscoder, scaling: LatentScaling | None
 
 def _raw_eval_batches(store, n_batches: int):
     """(acts_in, acts_out) of the held-out eval tokens in raw scale (what a folded crosscoder takes), the
-    positions training uses."""
+    positions training uses; from an activation cache (no model, no tokens), the next rows of its stream."""
     store.reset_eval_tokens()
     for _ in range(n_batches):
-        acts_in, acts_out, keep = store.activations_from_tokens(store.next_eval_tokens())
-        yield acts_in[keep] / store.scale_in[:, None], acts_out[keep] / store.scale_out[:, None]
+        if store.serves_tokens:
+            acts_in, acts_out, keep = store.activations_from_tokens(store.next_eval_tokens())
+            acts_in, acts_out = acts_in[keep], acts_out[keep]
+        else:
+            acts_in, acts_out = store.next_batch()
+        yield acts_in / store.scale_in[:, None], acts_out / store.scale_out[:, None]
 
 
 @contextmanager

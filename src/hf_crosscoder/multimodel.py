@@ -67,6 +67,38 @@ def check_same_d_model(names: Sequence[str], configs: Sequence[Any]) -> None:
                              f"{name} has {size}. Diff models of the same width.")
 
 
+def load_models(cfg: Any, device: str | torch.device | None = None,
+                before_weights: Any = None) -> tuple[list[nn.Module], Any]:
+    """The frozen models of `cfg.model_names` and their shared tokenizer, each model on its entry of
+    `cfg.model_devices` (default `device`). The tokenizers, d_model and hook names are checked and
+    `before_weights(tokenizer)` (opening the dataset) runs before any weights load."""
+    names = list(cfg.model_names)
+    tokenizers = [AutoTokenizer.from_pretrained(name) for name in names]
+    check_same_tokenizers(names, tokenizers)
+    check_same_d_model(names, [AutoConfig.from_pretrained(name) for name in names])
+    checked = [checked_model_config(cfg, name) for name in names]
+    if before_weights is not None:
+        before_weights(tokenizers[0])
+    devices = list(cfg.model_devices) if cfg.model_devices else [device] * len(names)
+    models = [load_weights(cls, config, name, cfg, dev) for (cls, config), name, dev in zip(checked, names, devices)]
+    return models, tokenizers[0]
+
+
+def checked_models(cfg: Any, models: Sequence[nn.Module] | nn.Module, tokenizer: Any) -> list[nn.Module]:
+    """Models given for `cfg.model_names` (one per name, in order, with their tokenizer), checked against the
+    config's d_model and context size."""
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if len(models) != len(cfg.model_names):
+        raise ValueError(f"model diffing got {len(models)} model(s) for the {len(cfg.model_names)} of model_names; "
+                         "pass one model per entry, in the same order.")
+    if tokenizer is None:
+        raise ValueError("got models without their tokenizer; pass tokenizer= too.")
+    for model, name in zip(models, cfg.model_names):
+        check_d_model(model.config, cfg.d_model, name)
+        check_context_size(model.config, cfg.context_size, name)
+    return models
+
+
 class MultiModelHarvester:
     """The harvesters of several models as one: (rows [m, n_models * n_hooks, d_model] float32 model-major,
     special-token mask [m]) for one token batch, on `device`."""
@@ -95,9 +127,9 @@ class MultiModelActivationSource(TokenRowsSource):
         hooks = list(dict.fromkeys(hook_names))
         self.hook_names = [f"{m}/{h}" for m in self.names for h in hooks]
         if models is None:
-            models, tokenizer = self._load(device)
+            models, tokenizer = load_models(cfg, device, before_weights=self._open_tokens)
         else:
-            models = self._check_given(models, tokenizer)
+            models = checked_models(cfg, models, tokenizer)
         self.models, self.tokenizer = [freeze(m) for m in models], tokenizer
         self.model = None  # no single model for CE splices (reconstruction evals run on held-out tokens)
         self.harvester = MultiModelHarvester([ActivationHarvester(m, tokenizer, hooks, cfg) for m in self.models],
@@ -105,28 +137,3 @@ class MultiModelActivationSource(TokenRowsSource):
         if self.tokens is None:
             self._open_tokens(tokenizer)
         self.provenance: dict[str, Any] = {}
-
-    def _devices(self, device: str | torch.device | None) -> list[Any]:
-        return list(self.cfg.model_devices) if self.cfg.model_devices else [device] * len(self.names)
-
-    def _load(self, device: str | torch.device | None) -> tuple[list[nn.Module], Any]:
-        tokenizers = [AutoTokenizer.from_pretrained(name) for name in self.names]
-        check_same_tokenizers(self.names, tokenizers)
-        check_same_d_model(self.names, [AutoConfig.from_pretrained(name) for name in self.names])
-        checked = [checked_model_config(self.cfg, name) for name in self.names]
-        self._open_tokens(tokenizers[0])  # the dataset, before any weights
-        models = [load_weights(cls, config, name, self.cfg, dev)
-                  for (cls, config), name, dev in zip(checked, self.names, self._devices(device))]
-        return models, tokenizers[0]
-
-    def _check_given(self, models: Sequence[nn.Module], tokenizer: Any) -> list[nn.Module]:
-        models = list(models) if isinstance(models, (list, tuple)) else [models]
-        if len(models) != len(self.names):
-            raise ValueError(f"model diffing got {len(models)} model(s) for the {len(self.names)} of model_names; "
-                             "pass one model per entry, in the same order.")
-        if tokenizer is None:
-            raise ValueError("ActivationsStore got models without their tokenizer; pass tokenizer= too.")
-        for model, name in zip(models, self.names):
-            check_d_model(model.config, self.cfg.d_model, name)
-            check_context_size(model.config, self.cfg.context_size, name)
-        return models
