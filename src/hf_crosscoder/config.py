@@ -130,7 +130,7 @@ class CrosscoderArgs(HookArgs):
     aux_coefficient: float = arg(0.5, "Weight of the AuxK loss (TopK/BatchTopK), on the same summed squared "
                                  "error as the MSE (SAELens's form; its default is 1.0). OpenAI's 1/32 weights MSEs "
                                  "normalized by their own variance, which makes AuxK several times stronger; 1/32 "
-                                 "here left 12% of latents dead (BENCHMARKS.md, fidelity).")
+                                 "here left 12 percent of the latents dead (BENCHMARKS.md, fidelity).")
     jumprelu_init_threshold: float = arg(0.01, "Initial JumpReLU threshold (0.1 for the tanh recipe).")
     jumprelu_bandwidth: float = arg(0.05, "Width of the rectangle kernel of the straight-through "
                                     "estimator (2.0 for the tanh recipe).")
