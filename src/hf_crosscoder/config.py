@@ -127,10 +127,8 @@ class CrosscoderArgs(HookArgs):
     k_aux: int | None = arg(None, "Dead latents used by the AuxK loss per token (per layer group); default "
                             "d_model // 2 per output hook (dense: len(hook_names_out) * d_model // 2, the same "
                             "for a model diff), capped at d_sae.")
-    aux_coefficient: float = arg(0.5, "Weight of the AuxK loss (TopK/BatchTopK), on the same summed squared "
-                                 "error as the MSE (SAELens's form; its default is 1.0). OpenAI's 1/32 weights MSEs "
-                                 "normalized by their own variance, which makes AuxK several times stronger; 1/32 "
-                                 "here left 12 percent of the latents dead (BENCHMARKS.md, fidelity).")
+    aux_coefficient: float = arg(0.5, "Weight of the AuxK loss (TopK/BatchTopK), on the summed squared error "
+                                 "as SAELens weighs it (BENCHMARKS.md, fidelity).")
     jumprelu_init_threshold: float = arg(0.01, "Initial JumpReLU threshold (0.1 for the tanh recipe).")
     jumprelu_bandwidth: float = arg(0.05, "Width of the rectangle kernel of the straight-through "
                                     "estimator (2.0 for the tanh recipe).")
