@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .config import HarvestArgs, arg, check_positive, hook_union, stored_layers, torch_dtype
 from .data import TokenStream
 from .harvest import ActivationHarvester, load_model_and_tokenizer, mean_norm_stats
-from .multimodel import MultiModelHarvester, checked_models, load_models
+from .multimodel import MultiModelHarvester, models_for
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +170,8 @@ class CacheActivationsRunner:
             if model is None:
                 model, tokenizer = load_model_and_tokenizer(cfg, device, before_weights=self._open_tokens)
             return ActivationHarvester(model, tokenizer, cfg.hook_names, cfg), tokenizer
-        if model is None:
-            models, tokenizer = load_models(cfg, device, before_weights=self._open_tokens)
-        else:
-            models = checked_models(cfg, model, tokenizer)
-        harvesters = [ActivationHarvester(m, tokenizer, cfg.hook_names, cfg) for m in models]
-        return MultiModelHarvester(harvesters, device), tokenizer
+        models, tokenizer = models_for(cfg, model, tokenizer, device, self._open_tokens)
+        return MultiModelHarvester.for_models(models, tokenizer, cfg.hook_names, cfg, device), tokenizer
 
     def _write_metadata(self, root: Path, shards: list[dict], sums: Tensor, count: Tensor,
                         state: PartialState) -> None:

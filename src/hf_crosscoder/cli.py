@@ -79,7 +79,7 @@ def _tidy_help(parser: argparse.ArgumentParser) -> None:
     """Hide the `--no_*` complements (the description names them once) and list the registered choices of
     fields that other modules fill (architecture, layer_structure)."""
     for action in parser._actions:
-        if any(o.startswith("--no_") for o in action.option_strings) and len(action.option_strings) <= 2:
+        if any(o.startswith("--no_") for o in action.option_strings):
             action.help = argparse.SUPPRESS
         elif action.dest in CONFIG_CHECKS and CONFIG_CHECKS[action.dest] and action.help:
             action.help = f"{action.help} One of: {', '.join(CONFIG_CHECKS[action.dest])}."

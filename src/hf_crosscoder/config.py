@@ -46,17 +46,18 @@ def layer_labels(c: Any, side: str) -> list[str]:
     """The name of each input (`side` 'in') or output ('out') layer of the crosscoder's layer axis: its
     hooks, or for several models the (model, hook) pairs as `model/hook`, model-major (the acts index of
     model m's hook h is m * n_hooks + h)."""
-    hooks = list(c.hook_names_in if side == "in" else c.hook_names_out)
-    names = getattr(c, "model_names", None)
-    return [f"{m}/{h}" for m in names for h in hooks] if names else hooks
+    return per_model(getattr(c, "model_names", None), c.hook_names_in if side == "in" else c.hook_names_out)
 
 
 def stored_layers(c: Any) -> list[str]:
     """The layers a store (or an activation cache) holds, each once: the hooks read or written (inputs first),
     per model (model-major, `model/hook`) when `c.model_names` lists several."""
-    hooks = hook_union(c.hook_names_in, c.hook_names_out)
-    names = getattr(c, "model_names", None)
-    return [f"{m}/{h}" for m in names for h in hooks] if names else hooks
+    return per_model(getattr(c, "model_names", None), hook_union(c.hook_names_in, c.hook_names_out))
+
+
+def per_model(model_names: list[str] | None, hooks: list[str]) -> list[str]:
+    """`hooks`, or for several models every (model, hook) pair as `model/hook`, model-major."""
+    return [f"{m}/{h}" for m in model_names for h in hooks] if model_names else list(hooks)
 
 
 def validate_model_names(c: Any) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
 
+from .config import per_model
 from .harvest import (
     ActivationHarvester,
     TokenRowsSource,
@@ -84,6 +85,14 @@ def load_models(cfg: Any, device: str | torch.device | None = None,
     return models, tokenizers[0]
 
 
+def models_for(cfg: Any, models: Sequence[nn.Module] | nn.Module | None, tokenizer: Any,
+               device: str | torch.device | None, before_weights: Any) -> tuple[list[nn.Module], Any]:
+    """(the models of `cfg.model_names`, their tokenizer): those given, checked, else loaded (load_models)."""
+    if models is None:
+        return load_models(cfg, device, before_weights)
+    return checked_models(cfg, models, tokenizer), tokenizer
+
+
 def checked_models(cfg: Any, models: Sequence[nn.Module] | nn.Module, tokenizer: Any) -> list[nn.Module]:
     """Models given for `cfg.model_names` (one per name, in order, with their tokenizer), checked against the
     config's d_model and context size."""
@@ -108,6 +117,11 @@ class MultiModelHarvester:
         self.device = self.harvesters[0].device  # where token batches are made
         self.out_device = torch.device(device) if device is not None else self.device
 
+    @classmethod
+    def for_models(cls, models: Sequence[nn.Module], tokenizer: Any, hooks: Sequence[str], cfg: Any,
+                   device: str | torch.device | None = None) -> MultiModelHarvester:
+        return cls([ActivationHarvester(m, tokenizer, hooks, cfg) for m in models], device)
+
     def __call__(self, tokens: Tensor, drop_special: bool = False) -> tuple[Tensor, Tensor]:
         parts = [harvester(tokens, drop_special) for harvester in self.harvesters]
         special = parts[0][1].to(self.out_device)
@@ -125,15 +139,11 @@ class MultiModelActivationSource(TokenRowsSource):
                  tokenizer: Any = None, device: str | torch.device | None = None) -> None:
         self.cfg, self.names = cfg, list(cfg.model_names)
         hooks = list(dict.fromkeys(hook_names))
-        self.hook_names = [f"{m}/{h}" for m in self.names for h in hooks]
-        if models is None:
-            models, tokenizer = load_models(cfg, device, before_weights=self._open_tokens)
-        else:
-            models = checked_models(cfg, models, tokenizer)
+        self.hook_names = per_model(self.names, hooks)
+        models, tokenizer = models_for(cfg, models, tokenizer, device, self._open_tokens)
         self.models, self.tokenizer = [freeze(m) for m in models], tokenizer
         self.model = None  # no single model for CE splices (reconstruction evals run on held-out tokens)
-        self.harvester = MultiModelHarvester([ActivationHarvester(m, tokenizer, hooks, cfg) for m in self.models],
-                                             device)
+        self.harvester = MultiModelHarvester.for_models(self.models, tokenizer, hooks, cfg, device)
         if self.tokens is None:
             self._open_tokens(tokenizer)
         self.provenance: dict[str, Any] = {}
